@@ -1,0 +1,385 @@
+"""The one typed configuration tree of mgie.
+
+Dataclass defaults are the paper's MGIE-7B architecture and recipe (see
+``shared/docs/mgie-reference.md``). YAML files and ``--set a.b=c`` overrides only *override*
+those defaults; unknown keys and wrong types raise :class:`ConfigError` naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class VisionConfig:
+    """CLIP vision tower (default: ViT-L/14 at 224 px, as in LLaVA-7B-v1)."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+
+
+@dataclass
+class TextConfig:
+    """Llama language model (default: LLaMA-7B / Vicuna-7B v1.1)."""
+
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    vocab_size: int = 32000  # base vocabulary, before the MGIE tokens are appended
+
+
+@dataclass
+class MLLMConfig:
+    """The multimodal LLM: LLaVA (vision tower + projector + Llama) plus the [IMG] tokens."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vision_feature_layer: int = -2  # penultimate CLIP layer, CLS dropped
+    projector: Literal["linear", "mlp2x_gelu"] = "linear"  # LLaVA-v1: one Linear; LLaVA-1.5: MLP
+    num_img_tokens: int = 8  # [IMG0] .. [IMG{N-1}]
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA on the language model (peft); the [IMG] rows of embeddings and LM head always train."""
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class QuantizationConfig:
+    """k-bit loading of the language model through bitsandbytes (QLoRA); 0 = off."""
+
+    bits: Literal[0, 4, 8] = 0
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+@dataclass
+class EditHeadConfig:
+    """The MGIE edit head: a seq2seq Transformer from [IMG] states to UNet conditioning."""
+
+    hidden_size: int = 512
+    num_heads: int = 4
+    num_encoder_layers: int = 4
+    num_decoder_layers: int = 4
+    ff_size: int = 2048
+    dropout: float = 0.0
+    num_queries: int = 77  # the CLIP text length the UNet was trained with
+
+
+@dataclass
+class UNetConfig:
+    """InstructPix2Pix UNet (default: SD-1.5 with an 8-channel ``conv_in``)."""
+
+    in_channels: int = 8
+    out_channels: int = 4
+    sample_size: int = 64
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    )
+    up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+
+
+@dataclass
+class VAEConfig:
+    """AutoencoderKL (default: SD-1.5)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+
+
+@dataclass
+class NoiseConfig:
+    """Noise schedule shared by training (DDPM) and sampling (any diffusers scheduler)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+
+
+@dataclass
+class DiffusionConfig:
+    """The diffusion side: UNet, VAE and noise schedule."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and InstructPix2Pix conditioning dropout (paper Eq. 6; 5%/5%/5%)."""
+
+    lm_weight: float = 1.0
+    edit_weight: float = 0.5
+    drop_text: float = 0.05  # text -> null condition only
+    drop_both: float = 0.05  # text and image both null
+    drop_image: float = 0.05  # image -> zero latent only
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build an MGIE model."""
+
+    mllm: MLLMConfig = field(default_factory=MLLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    edit_head: EditHeadConfig = field(default_factory=EditHeadConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+@dataclass
+class InferenceConfig:
+    """Defaults of ``MGIEPipeline`` and ``python -m mgie.edit`` (the official demo's values)."""
+
+    steps: int = 100
+    guidance: float = 7.5  # text guidance s_T
+    image_guidance: float = 1.5  # image guidance s_I
+    scheduler: str = "euler_ancestral"
+    max_new_tokens: int = 96
+    no_repeat_ngram_size: int = 3
+    max_side: int = 512  # the longer image side is brought down to this (multiple of 8)
+    seed: int = 13331
+
+
+# ----------------------------------------------------------------------------- data / train
+
+
+@dataclass
+class DataConfig:
+    """Which data set to train on and how images are prepared."""
+
+    dataset: Literal["ipr2pr", "magicbrush", "gier", "evr", "ma5k", "jsonl", "shapes"] = "jsonl"
+    path: str = ""
+    resolution: int = 256  # diffusion crop (paper: 256x256)
+    max_instruction_tokens: int = 64
+    max_expressive_tokens: int = 64
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (paper: AdamW 5e-4, wd 0, cosine, 3% warm-up)."""
+
+    output_dir: str = "runs/default"
+    init_from: str = ""
+    seed: int = 0
+    max_steps: int = 1000
+    micro_batch_size: int = 4
+    lr: float = 5e-4
+    lr_lora: float = 0.0  # 0 = use lr
+    lr_img_tokens: float = 0.0
+    lr_edit_head: float = 0.0
+    lr_unet: float = 0.0
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    train_unet: bool = True
+    log_every: int = 10
+    save_every: int = 500
+    max_bad_steps: int = 10
+
+
+@dataclass
+class MGIEConfig:
+    """The root of the configuration tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # passed as is to deepspeed.initialize
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool) != any(
+            isinstance(a, bool) for a in typing.get_args(tp)
+        ):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            if arm is not type(None):
+                try:
+                    return _coerce(value, arm, key)
+                except ConfigError:
+                    pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data`` strictly: every key must be a field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = prefix or "top level"
+        raise ConfigError(f"unknown config key(s) {unknown} at {where}; allowed: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)  # fields not given keep their defaults
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain nested dicts and lists (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` into ``base`` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "deepspeed":
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """Turn ``"a.b.c=value"`` into ``{"a": {"b": {"c": value}}}``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    path, raw = text.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
+    for k in reversed(keys):
+        value = {k: value}
+    return value
+
+
+def from_dict(data: dict) -> MGIEConfig:
+    """Build an :class:`MGIEConfig` from a nested dict on top of the defaults, strictly."""
+    base = to_dict(MGIEConfig())
+    return _from_dict(MGIEConfig, _merge(base, data))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MGIEConfig:
+    """Load a YAML config (optionally starting from ``preset: NAME``) and apply dotted overrides."""
+    from mgie.presets import get_preset  # local import: presets build on this module
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    preset = data.pop("preset", None)
+    base = to_dict(get_preset(preset)) if preset is not None else to_dict(MGIEConfig())
+    cfg = _from_dict(MGIEConfig, _merge(base, data))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: MGIEConfig) -> None:
+    """Value checks that types alone cannot express."""
+    m = cfg.model
+    if m.mllm.num_img_tokens < 1:
+        raise ConfigError("model.mllm.num_img_tokens must be >= 1")
+    if m.edit_head.hidden_size % m.edit_head.num_heads:
+        raise ConfigError("model.edit_head.hidden_size must be divisible by model.edit_head.num_heads")
+    drops = (m.loss.drop_text, m.loss.drop_both, m.loss.drop_image)
+    if min(drops) < 0 or sum(drops) > 1:
+        raise ConfigError(f"model.loss drop probabilities must be >= 0 and sum to <= 1, got {drops}")
+    if m.mllm.vision.image_size % m.mllm.vision.patch_size:
+        raise ConfigError("model.mllm.vision.image_size must be a multiple of patch_size")
+    if m.diffusion.unet.in_channels != 2 * m.diffusion.vae.latent_channels:
+        raise ConfigError("model.diffusion.unet.in_channels must be 2 x vae.latent_channels (IP2P layout)")
+
+
+def save_config(cfg: MGIEConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,216 @@
+"""The InstructPix2Pix side of MGIE: UNet, VAE, schedulers, the editing loss and the sampler.
+
+Latent conventions (IP2P, diffusers ``prepare_image_latents``): the source image latent is the
+VAE posterior *mode*, unscaled; the target latent is a posterior *sample* times the VAE's
+``scaling_factor``. The null image condition is an all-zero source latent.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from mgie.config import LossConfig, NoiseConfig, UNetConfig, VAEConfig
+
+
+def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
+    """A randomly initialised UNet (8 input channels: noisy latent + source latent)."""
+    return UNet2DConditionModel(
+        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.block_out_channels), down_block_types=tuple(cfg.down_block_types),
+        up_block_types=tuple(cfg.up_block_types), layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim, cross_attention_dim=cfg.cross_attention_dim,
+        norm_num_groups=cfg.norm_num_groups,
+    )
+
+
+def build_vae(cfg: VAEConfig) -> AutoencoderKL:
+    """A randomly initialised AutoencoderKL."""
+    n = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        block_out_channels=tuple(cfg.block_out_channels), down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size, scaling_factor=cfg.scaling_factor,
+    )
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent cell (8 for SD)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
+    """Widen a text-to-image UNet's ``conv_in`` to ``in_channels``; the new channels start at zero.
+
+    This is the InstructPix2Pix recipe: at initialisation the widened UNet computes exactly what
+    the original did, whatever the extra (source-latent) channels hold.
+    """
+    old = unet.conv_in
+    if old.in_channels >= in_channels:
+        raise ValueError(f"conv_in already has {old.in_channels} >= {in_channels} input channels")
+    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
+                          device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+def noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
+    """The training noise schedule (SD-1.5's DDPM: scaled-linear betas, 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type, clip_sample=False,
+    )
+
+
+SCHEDULERS = {
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+}
+
+
+def sampling_scheduler(name: str, cfg: NoiseConfig):
+    """Any diffusers scheduler, by short name (``euler_ancestral``) or class name, on our betas."""
+    import diffusers
+
+    cls_name = SCHEDULERS.get(name, name)
+    cls = getattr(diffusers, cls_name, None)
+    if cls is None or not cls_name.endswith("Scheduler"):
+        raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)} or a diffusers class name")
+    return cls.from_config(noise_scheduler(cfg).config)
+
+
+@torch.no_grad()
+def encode_source(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, 4, H/8, W/8) unscaled posterior mode."""
+    return vae.encode(images.to(vae.dtype)).latent_dist.mode()
+
+
+@torch.no_grad()
+def encode_target(vae: AutoencoderKL, images: torch.Tensor, generator=None) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, 4, H/8, W/8) scaled posterior sample."""
+    return vae.encode(images.to(vae.dtype)).latent_dist.sample(generator) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """(B, 4, h, w) scaled latents -> (B, 3, 8h, 8w) images in [0, 1]."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def dropout_masks(batch: int, cfg: LossConfig, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """IP2P conditioning dropout, per sample: ``(drop_text, drop_image)`` bool masks of shape (B,).
+
+    With ``u ~ U(0, 1)``: ``u < p_t`` text only; ``p_t <= u < p_t + p_b`` both;
+    ``p_t + p_b <= u < p_t + p_b + p_i`` image only (official mgie_llava.py L302-320).
+    """
+    u = torch.rand(batch, device=device, generator=generator)
+    drop_text = u < cfg.drop_text + cfg.drop_both
+    drop_image = (u >= cfg.drop_text) & (u < cfg.drop_text + cfg.drop_both + cfg.drop_image)
+    return drop_text, drop_image
+
+
+def edit_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    target_latents: torch.Tensor,
+    source_latents: torch.Tensor,
+    cond: torch.Tensor,
+    null_cond: torch.Tensor,
+    cfg: LossConfig,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The InstructPix2Pix denoising loss, with conditioning dropout.
+
+    ``target_latents``/``source_latents`` (B, 4, h, w); ``cond`` (B, Q, C); ``null_cond`` (1 or B, Q, C).
+    """
+    b, device = target_latents.shape[0], target_latents.device
+    noise = torch.randn(target_latents.shape, device=device, dtype=target_latents.dtype, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), device=device, generator=generator)
+    noisy = scheduler.add_noise(target_latents, noise, t)  # (B, 4, h, w)
+    drop_text, drop_image = dropout_masks(b, cfg, device, generator)
+    cond = torch.where(drop_text[:, None, None], null_cond.expand_as(cond).to(cond.dtype), cond)
+    source = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
+    unet_in = torch.cat([noisy, source], dim=1).to(unet.dtype)  # (B, 8, h, w)
+    pred = unet(unet_in, t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = scheduler.get_velocity(target_latents, noise, t)
+    return F.mse_loss(pred.float(), target.float())
+
+
+def guided_noise(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    t,
+    image_latents: torch.Tensor,
+    cond: torch.Tensor,
+    null_cond: torch.Tensor,
+    guidance: float,
+    image_guidance: float,
+) -> torch.Tensor:
+    """Three-way classifier-free guidance of IP2P (diffusers IP2P pipeline, L441-447).
+
+    ``eps = e(0,0) + s_T (e(img,txt) - e(img,0)) + s_I (e(img,0) - e(0,0))``, one UNet call on
+    the batch ``[cond|img, null|img, null|0]``. ``latents`` are already scheduler-scaled.
+    """
+    x = torch.cat([latents] * 3)  # (3B, 4, h, w)
+    img = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # (3B, 4, h, w)
+    txt = torch.cat([cond, null_cond, null_cond])  # (3B, Q, C)
+    eps = unet(torch.cat([x, img], dim=1), t, encoder_hidden_states=txt).sample
+    e_full, e_img, e_none = eps.chunk(3)
+    return e_none + guidance * (e_full - e_img) + image_guidance * (e_img - e_none)
+
+
+@torch.no_grad()
+def sample(
+    unet: UNet2DConditionModel,
+    scheduler,
+    image_latents: torch.Tensor,
+    cond: torch.Tensor,
+    null_cond: torch.Tensor,
+    steps: int,
+    guidance: float,
+    image_guidance: float,
+    generator: torch.Generator | None = None,
+    progress: Callable | None = None,
+) -> torch.Tensor:
+    """Denoise from pure noise to edited latents (B, 4, h, w), conditioned on the source latents.
+
+    Mirrors the loop of diffusers' ``StableDiffusionInstructPix2PixPipeline.__call__`` (0.42),
+    with the same random draws, so a shared generator gives the same image; tested against it.
+    ``null_cond`` is (1 or B, Q, C); ``progress`` wraps the timestep iterable (e.g. tqdm).
+    """
+    b = image_latents.shape[0]
+    dtype, device = unet.dtype, image_latents.device
+    cond, null_cond = cond.to(dtype), null_cond.to(dtype).expand_as(cond)
+    image_latents = image_latents.to(dtype)
+    scheduler.set_timesteps(steps, device=device)
+    shape = (b, unet.config.out_channels, *image_latents.shape[-2:])
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    timesteps = scheduler.timesteps
+    for t in progress(timesteps) if progress else timesteps:
+        x = scheduler.scale_model_input(latents, t)  # (B, 4, h, w)
+        eps = guided_noise(unet, x, t, image_latents, cond, null_cond, guidance, image_guidance)
+        latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+    return latents

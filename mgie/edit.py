@@ -1,0 +1,163 @@
+"""``python -m mgie.edit``: edit one image from a terse instruction and print the expressive one.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback), 130 interrupted.
+The input file is never written; an existing output is only replaced with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                ".tiff": "TIFF"}
+ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _range(kind, lo, hi):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside [{lo}, {hi}]")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    p = _Parser(prog="python -m mgie.edit", description=__doc__.splitlines()[0])
+    p.add_argument("--image", required=True, help="input image (any format PIL reads)")
+    p.add_argument("--instruction", required=True, help='terse edit instruction, e.g. "make it look like night"')
+    p.add_argument("--out", help="output file (default: <input>_mgie.png beside the input)")
+    p.add_argument("--checkpoint", help="MGIE checkpoint folder (default: the built-in model)")
+    p.add_argument("--seed", type=_range(int, 0, 2**63 - 1), help="random seed (default: the config's, 13331)")
+    p.add_argument("--steps", type=_range(int, 1, 1000), help="denoising steps (default: the config's)")
+    p.add_argument("--guidance", type=_range(float, 0.0, 100.0), help="text guidance scale (default 7.5)")
+    p.add_argument("--image-guidance", type=_range(float, 0.0, 100.0), help="image guidance scale (default 1.5)")
+    p.add_argument("--scheduler", help="sampler: euler_ancestral (default), ddim, dpm++, ... or a diffusers class")
+    p.add_argument("--max-side", type=_range(int, 64, 4096), help="longer side used for diffusion (default 512)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def output_path(image: Path, out: str | None, overwrite: bool) -> Path:
+    """Where to write; never the input, never an existing file without ``overwrite``."""
+    if out is None:
+        path = image.with_name(f"{image.stem}_mgie.png")
+        n = 1
+        while path.exists():  # keep earlier results
+            path = image.with_name(f"{image.stem}_mgie-{n}.png")
+            n += 1
+    else:
+        path = Path(out)
+    if path.suffix.lower() not in SAVE_FORMATS:
+        raise ValueError(f"unsupported output extension {path.suffix!r}; use one of {sorted(SAVE_FORMATS)}")
+    if path.exists() and path.resolve() == image.resolve():
+        raise ValueError(f"refusing to overwrite the input image {image}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"output {path} exists; pass --overwrite to replace it")
+    if not path.parent.is_dir():
+        raise ValueError(f"output folder does not exist: {path.parent}")
+    return path
+
+
+def save_image(img, alpha, path: Path) -> None:
+    """Write atomically (temp file + rename) in the format the extension names."""
+    fmt = SAVE_FORMATS[path.suffix.lower()]
+    if alpha is not None and fmt in ALPHA_FORMATS:
+        img = img.copy()
+        img.putalpha(alpha.resize(img.size))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            img.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_default_model():
+    """The built-in model used when no ``--checkpoint`` is given (for now: the untrained tiny preset)."""
+    import torch
+
+    from mgie.model import MGIEModel
+    from mgie.presets import tiny
+    from mgie.tokens import build_tiny_tokenizer
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer(cfg.model.mllm.text.vocab_size, cfg.model.mllm.num_img_tokens)
+    print("note: no --checkpoint given: using the tiny preset, whose weights are untrained (random), "
+          "so the edit is noise", file=sys.stderr)
+    return MGIEModel.from_config(cfg, tokenizer, adapters=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything cheap first, then load the model and edit."""
+    from mgie.images import load_image
+    from mgie.utils import resolve_device, torch_dtype
+
+    device = resolve_device(args.device)
+    image_path = Path(args.image)
+    loaded = load_image(image_path)
+    out = output_path(image_path, args.out, args.overwrite)
+    if not args.instruction.strip():
+        raise ValueError("the instruction is empty")
+    dtype = torch_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+    from mgie.model import MGIEModel
+    from mgie.pipeline import MGIEPipeline
+
+    t0 = time.perf_counter()
+    model = MGIEModel.from_pretrained(args.checkpoint, dtype=dtype) if args.checkpoint else load_default_model()
+    pipe = MGIEPipeline(model.to(device=device, dtype=dtype))
+    pipe.check_instruction(args.instruction)
+    t1 = time.perf_counter()
+    result = pipe(
+        [loaded.rgb], [args.instruction], steps=args.steps, guidance=args.guidance,
+        image_guidance=args.image_guidance, seed=args.seed, scheduler=args.scheduler, max_side=args.max_side,
+        progress=not args.quiet,
+    )
+    t2 = time.perf_counter()
+    save_image(result.images[0], loaded.alpha, out)
+    print(result.expressive[0])
+    print(f"wrote {out} (load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m mgie.edit`` / ``mgie-edit``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""``MGIEModel``: the MLLM, the edit head and the IP2P UNet/VAE composed, with both losses.
+
+The diffusion modules live *beside* the transformers model, never inside it, so no HF weight
+initialisation can touch them (the official code's init trap, reference section 2.4).
+
+Folder layout of ``save_pretrained`` / ``from_pretrained``::
+
+    config.yaml          resolved MGIEConfig
+    tokenizer/           tokenizer with the MGIE tokens
+    mllm/                llava-hf folder (config.json, model.safetensors), LoRA and [IMG] rows merged
+    edit_head.safetensors
+    unet/ vae/           diffusers folders (safetensors)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mgie.config import MGIEConfig, load_config, save_config
+from mgie.diffusion import (
+    build_unet,
+    build_vae,
+    edit_loss,
+    encode_source,
+    encode_target,
+    noise_scheduler,
+)
+from mgie.edit_head import EditHead
+from mgie.mllm import apply_adapters, build_mllm, default_token_ids, freeze, load_mllm, merged_state_dict
+from mgie.tokens import TokenIds, img_hidden_states, token_ids
+
+FOLDER_FILES = ("config.yaml", "tokenizer", "mllm", "edit_head.safetensors", "unet", "vae")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete, or does not match its config."""
+
+
+@dataclass
+class MGIEOutput:
+    """Losses of one training forward pass (``loss = lm_weight * lm_loss + edit_weight * edit_loss``)."""
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    edit_loss: torch.Tensor
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that ignore left padding: (B, L) mask -> (B, L) positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class MGIEModel(nn.Module):
+    """MGIE: LLaVA (+LoRA, trainable [IMG] rows) -> edit head -> InstructPix2Pix UNet (VAE frozen)."""
+
+    def __init__(self, cfg: MGIEConfig, mllm: nn.Module, edit_head: EditHead, unet: nn.Module,
+                 vae: nn.Module, ids: TokenIds, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.mllm = mllm
+        self.edit_head = edit_head
+        self.unet = unet
+        self.vae = freeze(vae).eval()
+        self.ids = ids
+        self.tokenizer = tokenizer
+        self.noise_scheduler = noise_scheduler(cfg.model.diffusion.noise)
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, cfg: MGIEConfig, tokenizer=None, adapters: bool = True) -> MGIEModel:
+        """Build with random weights. With a tokenizer, token ids are read from it by name and
+        must equal the config's layout; without one (e.g. on the meta device) they are derived."""
+        m = cfg.model
+        ids = _check_ids(cfg, tokenizer)
+        mllm = build_mllm(m.mllm)
+        if adapters:
+            mllm = apply_adapters(mllm, m.lora, ids)
+        return cls._assemble(cfg, mllm, ids, tokenizer, build_unet(m.diffusion.unet), build_vae(m.diffusion.vae))
+
+    @classmethod
+    def _assemble(cls, cfg, mllm, ids, tokenizer, unet, vae) -> MGIEModel:
+        m = cfg.model
+        if unet.config.cross_attention_dim != m.diffusion.unet.cross_attention_dim:
+            raise CheckpointError("UNet cross_attention_dim does not match the config")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="enable_nested_tensor")
+            head = EditHead(m.edit_head, m.mllm.text.hidden_size, unet.config.cross_attention_dim)
+        if m.mllm.gradient_checkpointing:
+            mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return cls(cfg, mllm, head, unet, vae, ids, tokenizer)
+
+    # ------------------------------------------------------------------ shared pieces
+
+    def mllm_forward(self, input_ids, attention_mask, pixel_values):
+        """Teacher-forced LLaVA pass: ``(logits (B, L, V), last-layer post-norm hidden (B, L, D))``.
+
+        Positions come from the attention mask, so left and right padding give the same states.
+        """
+        out = self.mllm(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+            pixel_values=pixel_values.to(self.mllm.dtype), output_hidden_states=True, use_cache=False,
+        )
+        return out.logits, out.hidden_states[-1]
+
+    def img_embeddings(self) -> torch.Tensor:
+        """The [IMG] rows of the (trainable) input embeddings, looked up by id: (N, D)."""
+        ids = torch.tensor(self.ids.img, device=self.device)
+        return self.mllm.get_input_embeddings()(ids)
+
+    def condition(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """UNet conditioning from a teacher-forced pass: (B, L, D) states -> (B, Q, C)."""
+        h = img_hidden_states(hidden, input_ids, self.ids.img)  # (B, N, D)
+        e = self.img_embeddings()  # (N, D)
+        dtype = self.edit_head.llm2hid.weight.dtype
+        return self.edit_head(h.to(dtype), e.to(dtype))
+
+    def null_condition(self, batch: int = 1) -> torch.Tensor:
+        """Null text condition: the edit head on zero states plus the [IMG] embeddings; (batch, Q, C)."""
+        return self.edit_head.null(self.img_embeddings().to(self.edit_head.llm2hid.weight.dtype), batch)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the edit head (the model is kept on one device)."""
+        return self.edit_head.query.device
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, input_ids, attention_mask, labels, pixel_values, source, target,
+                generator: torch.Generator | None = None) -> MGIEOutput:
+        """Both MGIE losses for a batch.
+
+        ``input_ids``/``attention_mask``/``labels`` (B, L) with the assistant turn supervised;
+        ``pixel_values`` (B, 3, S, S) CLIP input; ``source``/``target`` (B, 3, H, W) in [-1, 1].
+        """
+        w = self.cfg.model.loss
+        logits, hidden = self.mllm_forward(input_ids, attention_mask, pixel_values)
+        lm = nn.functional.cross_entropy(  # next-token CE over the assistant turn
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        cond = self.condition(hidden, input_ids)  # (B, Q, C)
+        null = self.null_condition()  # (1, Q, C)
+        tgt = encode_target(self.vae, target, generator)  # (B, 4, h, w)
+        src = encode_source(self.vae, source)  # (B, 4, h, w)
+        edit = edit_loss(self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator)
+        return MGIEOutput(loss=w.lm_weight * lm + w.edit_weight * edit, lm_loss=lm, edit_loss=edit)
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by group: ``lora``, ``img_tokens``, ``edit_head``, ``unet``."""
+        groups: dict[str, list[nn.Parameter]] = {"lora": [], "img_tokens": [], "edit_head": [], "unet": []}
+        for name, p in self.mllm.named_parameters():
+            if p.requires_grad:
+                groups["img_tokens" if "trainable_tokens" in name else "lora"].append(p)
+        groups["edit_head"] = [p for p in self.edit_head.parameters() if p.requires_grad]
+        groups["unet"] = [p for p in self.unet.parameters() if p.requires_grad]
+        return groups
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the inference folder (see module docstring); adapters are merged into ``mllm/``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, path / "config.yaml")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path / "tokenizer")
+        base = build_mllm_like(self.mllm)
+        base.save_pretrained(path / "mllm", state_dict=merged_state_dict(self.mllm))
+        save_file({k: v.detach().contiguous() for k, v in self.edit_head.state_dict().items()},
+                  path / "edit_head.safetensors")
+        self.unet.save_pretrained(path / "unet")
+        self.vae.save_pretrained(path / "vae")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, adapters: bool = False,
+                        overrides: list[str] | None = None) -> MGIEModel:
+        """Load a folder written by :meth:`save_pretrained`; every weight must be present and fit.
+
+        ``adapters=True`` re-attaches fresh LoRA/[IMG] adapters (for further training).
+        """
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint folder not found: {path}")
+        missing = [f for f in FOLDER_FILES if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{path} is not an MGIE checkpoint: missing {missing}")
+        cfg = load_config(path / "config.yaml", overrides)
+        tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        ids = _check_ids(cfg, tokenizer)
+        mllm = freeze(load_mllm(path / "mllm", cfg.model.mllm, dtype, cfg.model.quantization))
+        if adapters:
+            mllm = apply_adapters(mllm, cfg.model.lora, ids)
+        unet = _load_diffusers(UNet2DConditionModel, path / "unet", dtype)
+        vae = _load_diffusers(AutoencoderKL, path / "vae", dtype)
+        model = cls._assemble(cfg, mllm, ids, tokenizer, unet, vae)
+        state = load_file(path / "edit_head.safetensors")
+        try:
+            model.edit_head.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{path / 'edit_head.safetensors'}: {str(e).splitlines()[0]}") from None
+        return model.to(dtype=dtype)
+
+
+def build_mllm_like(mllm: nn.Module) -> nn.Module:
+    """The plain LLaVA under a (possibly peft-wrapped) model, for ``save_pretrained``'s config."""
+    return mllm.get_base_model() if hasattr(mllm, "get_base_model") else mllm
+
+
+def _check_ids(cfg: MGIEConfig, tokenizer) -> TokenIds:
+    """Token ids by name from the tokenizer, checked against the layout the config implies."""
+    expected = default_token_ids(cfg.model.mllm)
+    if tokenizer is None:
+        return expected
+    ids = token_ids(tokenizer, cfg.model.mllm.num_img_tokens)
+    got = (ids.im_patch, ids.im_start, ids.im_end, ids.img)
+    want = (expected.im_patch, expected.im_start, expected.im_end, expected.img)
+    if got != want:
+        raise CheckpointError(f"tokenizer MGIE token ids {got} differ from the config's vocabulary layout {want}")
+    return ids
+
+
+def _load_diffusers(cls, path: Path, dtype: torch.dtype):
+    """Load a diffusers model folder strictly (missing or unexpected weights raise)."""
+    try:
+        model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0]}") from None
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise CheckpointError(f"{path}: weights do not match: {bad}")
+    return model

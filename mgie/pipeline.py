@@ -1,0 +1,146 @@
+"""``MGIEPipeline``: image + terse instruction -> expressive instruction + edited image.
+
+1. The MLLM greedily writes the expressive instruction (stopping at ``</s>`` or ``[IMG0]``).
+2. One teacher-forced pass over prompt + text + ``[IMG0..N-1]`` gives the [IMG] hidden states,
+   with the very functions training uses (``MGIEModel.mllm_forward`` / ``condition``). The
+   hidden state at a position depends only on the tokens up to it, so forcing the [IMG] tokens
+   gives exactly the states of a model that emits them itself, and a sane condition otherwise.
+3. The edit head maps them to UNet conditioning; IP2P sampling with three-way guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mgie.diffusion import decode, encode_source, sample, sampling_scheduler, vae_scale_factor
+from mgie.images import fit_size, to_pil, to_tensor
+from mgie.mllm import num_patches
+from mgie.model import MGIEModel
+from mgie.tokens import build_prompt, encode_chunk, normalize_text, pad_sequences
+
+MAX_INSTRUCTION_TOKENS = 256
+
+
+@dataclass
+class EditResult:
+    """Edited images (input sizes) and the expressive instructions that drove them."""
+
+    images: list[Image.Image]
+    expressive: list[str]
+
+
+class MGIEPipeline:
+    """Runs a trained :class:`MGIEModel` on images and instructions."""
+
+    def __init__(self, model: MGIEModel):
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        self.model = model.eval()
+        self.tokenizer = model.tokenizer
+        self.cfg = model.cfg
+        side = self.cfg.model.mllm.vision.image_size
+        self.clip = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        """Load a checkpoint folder onto ``device``."""
+        return cls(MGIEModel.from_pretrained(path, dtype=dtype).to(device))
+
+    # ------------------------------------------------------------------ MLLM side
+
+    def check_instruction(self, instruction: str) -> str:
+        """Normalised instruction; ``ValueError`` if it is empty or too long."""
+        text = normalize_text(instruction)
+        if not text:
+            raise ValueError("the instruction is empty")
+        n = len(encode_chunk(self.tokenizer, text))
+        limit = min(MAX_INSTRUCTION_TOKENS, self._context_left())
+        if n > limit:
+            raise ValueError(f"the instruction is too long: {n} tokens (limit {limit})")
+        return text
+
+    def _context_left(self) -> int:
+        """Tokens left for the instruction in the LLM context after the fixed prompt and outputs."""
+        m = self.cfg.model.mllm
+        fixed = len(build_prompt(self.tokenizer, self.model.ids, "", num_patches(m)))
+        return m.text.max_position_embeddings - fixed - self.cfg.inference.max_new_tokens - m.num_img_tokens
+
+    @torch.no_grad()
+    def describe(self, images: list[Image.Image], instructions: list[str]) -> tuple[list[str], torch.Tensor]:
+        """Expressive instructions and UNet conditioning (B, Q, C) for RGB images + instructions."""
+        model, ids, inf = self.model, self.model.ids, self.cfg.inference
+        device = model.device
+        texts = [self.check_instruction(t) for t in instructions]
+        pixels = self.clip(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, S, S)
+        prompts = [build_prompt(self.tokenizer, ids, t, num_patches(self.cfg.model.mllm)) for t in texts]
+        input_ids, mask = pad_sequences(prompts, ids.pad, side="left")
+        out = model.mllm.generate(
+            input_ids=input_ids.to(device), attention_mask=mask.to(device), pixel_values=pixels.to(model.mllm.dtype),
+            max_new_tokens=inf.max_new_tokens, do_sample=False, num_beams=1,
+            no_repeat_ngram_size=inf.no_repeat_ngram_size, eos_token_id=[ids.eos, ids.img[0]],
+            pad_token_id=ids.pad,
+        )
+        generated = out[:, input_ids.shape[1]:].tolist()
+        stop = {ids.eos, ids.im_patch, ids.im_start, ids.im_end, *ids.img}  # text ends at any of these
+        text_ids = [_until(row, stop) for row in generated]
+        full = [p + t + list(ids.img) for p, t in zip(prompts, text_ids)]
+        full_ids, full_mask = pad_sequences(full, ids.pad, side="left")
+        full_ids, full_mask = full_ids.to(device), full_mask.to(device)
+        _, hidden = model.mllm_forward(full_ids, full_mask, pixels)  # (B, L, D)
+        cond = model.condition(hidden, full_ids)  # (B, Q, C)
+        expressive = [normalize_text(self.tokenizer.decode(t, skip_special_tokens=True)) for t in text_ids]
+        return expressive, cond
+
+    # ------------------------------------------------------------------ diffusion side
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        images: list[Image.Image],
+        instructions: list[str],
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
+        seed: int | None = None,
+        scheduler: str | None = None,
+        max_side: int | None = None,
+        progress: bool = True,
+    ) -> EditResult:
+        """Edit RGB ``images`` following ``instructions`` (unset options take the config's values)."""
+        inf = self.cfg.inference
+        if len(images) != len(instructions):
+            raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
+        steps = steps or inf.steps
+        seed = inf.seed if seed is None else seed
+        expressive, cond = self.describe(images, instructions)
+        model, device = self.model, self.model.device
+        null = model.null_condition()  # (1, Q, C)
+        sched = sampling_scheduler(scheduler or inf.scheduler, self.cfg.model.diffusion.noise)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        multiple = max(8, vae_scale_factor(model.vae))
+        outputs = []
+        for i, img in enumerate(images):  # one at a time: sizes may differ
+            w, h = fit_size(*img.size, max_side or inf.max_side, multiple)
+            src = to_tensor([img.resize((w, h), Image.Resampling.LANCZOS)]).to(device)  # (1, 3, h, w)
+            latents = sample(
+                model.unet, sched, encode_source(model.vae, src), cond[i : i + 1], null, steps,
+                inf.guidance if guidance is None else guidance,
+                inf.image_guidance if image_guidance is None else image_guidance, generator,
+                progress=(lambda it: tqdm(it, desc=f"diffusion {i + 1}/{len(images)}", leave=False)) if progress else None,
+            )
+            out = to_pil(decode(model.vae, latents))[0]
+            outputs.append(out if out.size == img.size else out.resize(img.size, Image.Resampling.LANCZOS))
+        return EditResult(images=outputs, expressive=expressive)
+
+
+def _until(row: list[int], stop: set[int]) -> list[int]:
+    """The tokens of ``row`` before the first stop token."""
+    for i, tok in enumerate(row):
+        if tok in stop:
+            return row[:i]
+    return row

@@ -96,10 +96,13 @@ def load_mllm(
 ) -> LlavaForConditionalGeneration:
     """Load a llava-hf style folder with *our* config; any missing or unexpected key is an error."""
     config = llava_config(cfg)
-    model, info = LlavaForConditionalGeneration.from_pretrained(
-        str(path), config=config, dtype=dtype, attn_implementation=cfg.attn_implementation,
-        quantization_config=quantization_config(quant) if quant else None, output_loading_info=True,
-    )
+    try:
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            str(path), config=config, dtype=dtype, attn_implementation=cfg.attn_implementation,
+            quantization_config=quantization_config(quant) if quant else None, output_loading_info=True,
+        )
+    except (OSError, RuntimeError) as e:  # transformers raises RuntimeError on shape mismatches
+        raise ValueError(f"{path}: checkpoint does not match the model config ({str(e).splitlines()[0]})") from None
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise ValueError(f"{path}: checkpoint does not match the model config: {bad}")

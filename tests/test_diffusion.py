@@ -1,0 +1,126 @@
+import pytest
+import torch
+from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+from mgie.config import LossConfig, NoiseConfig
+from mgie.diffusion import (
+    build_unet,
+    build_vae,
+    dropout_masks,
+    edit_loss,
+    encode_source,
+    noise_scheduler,
+    sample,
+    sampling_scheduler,
+    widen_conv_in,
+)
+from mgie.images import to_pil, to_tensor
+
+from .conftest import random_image
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_cfg):
+    torch.manual_seed(0)
+    d = tiny_cfg.model.diffusion
+    return build_unet(d.unet).eval(), build_vae(d.vae).eval()
+
+
+@pytest.mark.parametrize("scheduler, guidance, image_guidance", [
+    ("euler_ancestral", 7.5, 1.5), ("euler_ancestral", 3.0, 1.2), ("ddim", 7.5, 1.5),
+])
+def test_sampler_matches_diffusers_pipeline(parts, tiny_cfg, scheduler, guidance, image_guidance):
+    """Same UNet, VAE, scheduler, seed and embeddings: our loop == diffusers' IP2P pipeline."""
+    unet, vae = parts
+    noise = tiny_cfg.model.diffusion.noise
+    g = torch.Generator().manual_seed(1)
+    cond = torch.randn(2, 16, 32, generator=g)  # (B, Q, C)
+    null = torch.randn(1, 16, 32, generator=g)
+    images = [random_image(32, 24, seed=1), random_image(32, 24, seed=2)]
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sampling_scheduler(scheduler, noise),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(image=images, prompt_embeds=cond, negative_prompt_embeds=null.expand(2, -1, -1),
+               num_inference_steps=6, guidance_scale=guidance, image_guidance_scale=image_guidance,
+               generator=torch.Generator().manual_seed(7), output_type="latent").images
+
+    latents = sample(unet, sampling_scheduler(scheduler, noise), encode_source(vae, to_tensor(images)), cond, null,
+                     steps=6, guidance=guidance, image_guidance=image_guidance,
+                     generator=torch.Generator().manual_seed(7))
+    assert latents.shape == ref.shape == (2, 4, 3, 4)
+    torch.testing.assert_close(latents, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_widen_conv_in_is_exact_at_init():
+    torch.manual_seed(0)
+    unet4 = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                 attention_head_dim=8, cross_attention_dim=32).eval()
+    x, src, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        before = unet4(x, 10, c).sample
+        unet8 = widen_conv_in(unet4, 8)
+        after = unet8(torch.cat([x, src], 1), 10, c).sample
+    assert unet8.config.in_channels == 8 and unet8.conv_in.weight.shape[1] == 8
+    assert torch.equal(unet8.conv_in.weight[:, 4:], torch.zeros_like(unet8.conv_in.weight[:, 4:]))
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        widen_conv_in(unet8, 8)
+
+
+def test_dropout_masks_partition_and_rates():
+    cfg = LossConfig(drop_text=0.05, drop_both=0.05, drop_image=0.05)
+    n = 200_000
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    text, image = dropout_masks(n, cfg, "cpu", g)
+    # Same draws, recomputed from the official description.
+    assert torch.equal(text, u < 0.10) and torch.equal(image, (u >= 0.05) & (u < 0.15))
+    rates = [(text & ~image).float().mean(), (text & image).float().mean(), (~text & image).float().mean()]
+    for r in rates:
+        assert abs(float(r) - 0.05) < 0.003
+
+
+def test_edit_loss_matches_manual_computation(parts, tiny_cfg):
+    """The loss equals an independent recomputation from the same random draws (float64 add_noise)."""
+    unet, _ = parts
+    sched = noise_scheduler(tiny_cfg.model.diffusion.noise)
+    g = torch.Generator().manual_seed(3)
+    tgt, src = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
+    cond, null = torch.randn(4, 16, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    cfg = LossConfig(drop_text=0.25, drop_both=0.25, drop_image=0.25)
+    loss = edit_loss(unet, sched, tgt, src, cond, null, cfg, torch.Generator().manual_seed(9))
+
+    r = torch.Generator().manual_seed(9)  # replay the draws in the documented order
+    noise = torch.randn(tgt.shape, generator=r)
+    t = torch.randint(0, 1000, (4,), generator=r)
+    u = torch.rand(4, generator=r)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    abar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
+    noisy = (abar.sqrt() * tgt.double() + (1 - abar).sqrt() * noise.double()).float()
+    c = torch.where((u < 0.5)[:, None, None], null.expand_as(cond), cond)
+    s = src * (~((u >= 0.25) & (u < 0.75))).float()[:, None, None, None]
+    with torch.no_grad():
+        pred = unet(torch.cat([noisy, s], 1), t, c).sample
+    torch.testing.assert_close(loss, ((pred - noise) ** 2).mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_scheduler_by_name_and_error():
+    noise = NoiseConfig()
+    assert type(sampling_scheduler("euler_ancestral", noise)).__name__ == "EulerAncestralDiscreteScheduler"
+    assert type(sampling_scheduler("DDIMScheduler", noise)).__name__ == "DDIMScheduler"
+    s = sampling_scheduler("dpm++", noise)
+    assert s.config.beta_schedule == "scaled_linear" and s.config.num_train_timesteps == 1000
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        sampling_scheduler("nope", noise)
+
+
+def test_image_tensor_round_trip():
+    img = random_image(16, 8)
+    x = to_tensor([img])
+    assert x.shape == (1, 3, 8, 16) and x.min() >= -1 and x.max() <= 1
+    assert to_pil((x + 1) / 2)[0].tobytes() == img.tobytes()

@@ -1,0 +1,162 @@
+import pytest
+import torch
+
+from mgie.model import CheckpointError, MGIEModel
+from mgie.presets import mgie_7b
+
+from .conftest import make_batch, make_model
+
+
+def test_shapes_through_every_stage(model):
+    b = make_batch(model, n=2, size=32)
+    m = model.cfg.model
+    logits, hidden = model.mllm_forward(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    L = b["input_ids"].shape[1]
+    assert logits.shape == (2, L, m.mllm.text.vocab_size + 3 + m.mllm.num_img_tokens)
+    assert hidden.shape == (2, L, m.mllm.text.hidden_size)
+    assert model.img_embeddings().shape == (m.mllm.num_img_tokens, m.mllm.text.hidden_size)
+    cond = model.condition(hidden, b["input_ids"])
+    assert cond.shape == (2, m.edit_head.num_queries, m.diffusion.unet.cross_attention_dim)
+    assert model.null_condition(2).shape == cond.shape
+    out = model(**b, generator=torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(x) for x in (out.loss, out.lm_loss, out.edit_loss))
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.edit_loss)
+
+
+def test_padding_side_does_not_change_img_states(model):
+    """Left- and right-padded batches give the [IMG] states of each row run alone."""
+    from mgie.tokens import pad_sequences
+
+    model.eval()
+    b = make_batch(model, n=2)
+    rows = [r[m.bool()].tolist() for r, m in zip(b["input_ids"], b["attention_mask"])]
+    assert len(rows[0]) != len(rows[1])
+    alone = []
+    for i, r in enumerate(rows):
+        ids = torch.tensor([r])
+        _, h = model.mllm_forward(ids, torch.ones_like(ids), b["pixel_values"][i : i + 1])
+        alone.append(model.condition(h, ids))
+    for side in ("left", "right"):
+        ids, mask = pad_sequences(rows, model.ids.pad, side=side)
+        _, h = model.mllm_forward(ids, mask, b["pixel_values"])
+        torch.testing.assert_close(model.condition(h, ids), torch.cat(alone), rtol=1e-4, atol=1e-5)
+
+
+def _frozen_and_trainable(model):
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    return trainable, frozen
+
+
+def test_gradients_reach_exactly_the_trainable_parameters(model):
+    trainable, frozen = _frozen_and_trainable(model)
+    groups = model.trainable_groups()
+    assert {id(p) for g in groups.values() for p in g} == {id(p) for n, p in model.named_parameters() if n in trainable}
+    assert all(len(g) > 0 for g in groups.values())
+    assert not any(n.startswith("vae.") for n in trainable)
+    assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
+    assert not any(n.endswith("embed_tokens.token_adapter.base_layer.weight") for n in trainable)
+
+    out = model(**make_batch(model), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    named = dict(model.named_parameters())
+    for n in trainable:
+        assert named[n].grad is not None and torch.isfinite(named[n].grad).all(), n
+    for n in frozen:
+        assert named[n].grad is None, n
+    # LoRA B starts at zero, so A gets exactly zero gradient at step 0; B, rows, head and UNet get signal.
+    for n in trainable:
+        if "lora_A" not in n:
+            assert named[n].grad.abs().sum() > 0, n
+
+
+def test_edit_loss_alone_reaches_img_embeddings_through_the_llm(model):
+    model.zero_grad()
+    out = model(**make_batch(model), generator=torch.Generator().manual_seed(1))
+    out.edit_loss.backward()
+    embed = model.mllm.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+    assert embed.grad is not None and (embed.grad.abs().sum(dim=1) > 0).all()  # every [IMG] row
+    head = [p for n, p in model.mllm.named_parameters() if "lm_head" in n and p.requires_grad][0]
+    assert head.grad is None or head.grad.abs().sum() == 0  # the LM head only learns from the CE
+
+
+def test_a_few_steps_drive_the_loss_down(tiny_cfg, tokenizer):
+    model = make_model(tiny_cfg, tokenizer, seed=1)
+    batch = make_batch(model, n=2)
+    params = [p for g in model.trainable_groups().values() for p in g]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def loss_at(step_seed):
+        return model(**batch, generator=torch.Generator().manual_seed(step_seed))
+
+    with torch.no_grad():
+        start = loss_at(123)
+    for step in range(15):
+        opt.zero_grad()
+        loss_at(step).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = loss_at(123)
+    assert end.loss < 0.8 * start.loss and end.lm_loss < start.lm_loss
+    for n, p in model.named_parameters():
+        if n in frozen_before:
+            assert torch.equal(p, frozen_before[n]), f"frozen {n} changed"
+
+
+def test_save_load_gives_identical_outputs(tmp_path, tiny_cfg, tokenizer):
+    model = make_model(tiny_cfg, tokenizer, seed=2)
+    with torch.no_grad():  # make the adapters non-trivial, as after training
+        for n, p in model.mllm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    batch = make_batch(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = MGIEModel.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.ids == model.ids
+    with torch.no_grad():
+        l1, h1 = model.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        l2, h2 = loaded.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)  # LoRA merged: float rounding only
+        torch.testing.assert_close(loaded.condition(h2, batch["input_ids"]), model.condition(h1, batch["input_ids"]),
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded.null_condition(), model.null_condition(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(loaded.unet.state_dict().values(), model.unet.state_dict().values()):
+            assert torch.equal(a, b)
+    # Saving the loaded (plain) model again is bit-identical.
+    loaded.save_pretrained(tmp_path / "again")
+    from safetensors.torch import load_file
+    for f in ("mllm/model.safetensors", "edit_head.safetensors"):
+        x, y = load_file(tmp_path / "ckpt" / f), load_file(tmp_path / "again" / f)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_checkpoint_errors(tmp_path, tiny_cfg, tokenizer):
+    with pytest.raises(CheckpointError, match="not found"):
+        MGIEModel.from_pretrained(tmp_path / "nothing")
+    model = make_model(tiny_cfg, tokenizer)
+    model.save_pretrained(tmp_path / "c")
+    (tmp_path / "c" / "edit_head.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        MGIEModel.from_pretrained(tmp_path / "c")
+    # Weights that do not fit the config: a wider edit head in the config than in the file.
+    model.save_pretrained(tmp_path / "d")
+    with pytest.raises(CheckpointError, match="edit_head"):
+        MGIEModel.from_pretrained(tmp_path / "d", overrides=["model.edit_head.num_queries=9"])
+    with pytest.raises(ValueError, match="does not match"):
+        MGIEModel.from_pretrained(tmp_path / "d", overrides=["model.mllm.text.intermediate_size=96"])
+
+
+def test_paper_preset_parameter_counts_on_meta():
+    with torch.device("meta"):
+        model = MGIEModel.from_config(mgie_7b(), adapters=False)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    llm = count(model.mllm.model.language_model) + count(model.mllm.lm_head)
+    assert 6.70e9 < llm < 6.76e9  # LLaMA-7B with a 32011-token vocabulary: about 6.74B
+    assert model.mllm.lm_head.weight.shape == (32011, 4096)
+    assert 303e6 < count(model.mllm.model.vision_tower) < 304e6  # CLIP ViT-L/14 vision: 303.5M
+    assert 31.9e6 < count(model.edit_head) < 32.0e6
+    assert 859e6 < count(model.unet) < 860e6  # SD-1.5 UNet with 8 input channels: 859.5M
+    assert model.unet.conv_in.weight.shape == (320, 8, 3, 3)
+    assert model.mllm.config.image_seq_length == 256 and model.mllm.config.image_token_id == 32000

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ class MGIEPipeline:
                 model.unet, sched, encode_source(model.vae, src), cond[i : i + 1], null, steps,
                 inf.guidance if guidance is None else guidance,
                 inf.image_guidance if image_guidance is None else image_guidance, generator,
-                progress=(lambda it: tqdm(it, desc=f"diffusion {i + 1}/{len(images)}", leave=False)) if progress else None,
+                progress=partial(tqdm, desc=f"diffusion {i + 1}/{len(images)}", leave=False) if progress else None,
             )
             out = to_pil(decode(model.vae, latents))[0]
             outputs.append(out if out.size == img.size else out.resize(img.size, Image.Resampling.LANCZOS))

@@ -107,7 +107,7 @@ def test_a_few_steps_drive_the_loss_down(tiny_cfg, tokenizer):
 def test_save_load_gives_identical_outputs(tmp_path, tiny_cfg, tokenizer):
     model = make_model(tiny_cfg, tokenizer, seed=2)
     with torch.no_grad():  # make the adapters non-trivial, as after training
-        for n, p in model.mllm.named_parameters():
+        for _n, p in model.mllm.named_parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.05)
     model.eval()

@@ -9,4 +9,12 @@ from mgie.model import MGIEModel, MGIEOutput  # noqa: E402
 from mgie.pipeline import EditResult, MGIEPipeline  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "EditResult", "MGIEConfig", "MGIEModel", "MGIEOutput", "MGIEPipeline", "load_config"]
+__all__ = [
+    "ConfigError",
+    "EditResult",
+    "MGIEConfig",
+    "MGIEModel",
+    "MGIEOutput",
+    "MGIEPipeline",
+    "load_config",
+]

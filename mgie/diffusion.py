@@ -21,10 +21,15 @@ from mgie.config import LossConfig, NoiseConfig, UNetConfig, VAEConfig
 def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
     """A randomly initialised UNet (8 input channels: noisy latent + source latent)."""
     return UNet2DConditionModel(
-        sample_size=cfg.sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.block_out_channels), down_block_types=tuple(cfg.down_block_types),
-        up_block_types=tuple(cfg.up_block_types), layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.attention_head_dim, cross_attention_dim=cfg.cross_attention_dim,
+        sample_size=cfg.sample_size,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=tuple(cfg.down_block_types),
+        up_block_types=tuple(cfg.up_block_types),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups,
     )
 
@@ -33,10 +38,14 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKL:
     """A randomly initialised AutoencoderKL."""
     n = len(cfg.block_out_channels)
     return AutoencoderKL(
-        block_out_channels=tuple(cfg.block_out_channels), down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups,
-        sample_size=cfg.sample_size, scaling_factor=cfg.scaling_factor,
+        block_out_channels=tuple(cfg.block_out_channels),
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        scaling_factor=cfg.scaling_factor,
     )
 
 
@@ -54,8 +63,15 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DCon
     old = unet.conv_in
     if old.in_channels >= in_channels:
         raise ValueError(f"conv_in already has {old.in_channels} >= {in_channels} input channels")
-    new = torch.nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding,
-                          device=old.weight.device, dtype=old.weight.dtype)
+    new = torch.nn.Conv2d(
+        in_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
     with torch.no_grad():
         new.weight.zero_()
         new.weight[:, : old.in_channels] = old.weight
@@ -68,8 +84,12 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DCon
 def noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
     """The training noise schedule (SD-1.5's DDPM: scaled-linear betas, 1000 steps)."""
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction_type, clip_sample=False,
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
     )
 
 
@@ -93,7 +113,9 @@ def sampling_scheduler(name: str, cfg: NoiseConfig):
     cls_name = SCHEDULERS.get(name, name)
     cls = getattr(diffusers, cls_name, None)
     if cls is None or not cls_name.endswith("Scheduler"):
-        raise ValueError(f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)} or a diffusers class name")
+        raise ValueError(
+            f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)} or a diffusers class name"
+        )
     return cls.from_config(noise_scheduler(cfg).config)
 
 
@@ -206,8 +228,12 @@ def sample(
     image_latents = image_latents.to(dtype)
     scheduler.set_timesteps(steps, device=device)
     shape = (b, unet.config.out_channels, *image_latents.shape[-2:])
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    latents = (
+        randn_tensor(shape, generator=generator, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    )
+    step_kwargs = (
+        {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    )
     timesteps = scheduler.timesteps
     for t in progress(timesteps) if progress else timesteps:
         x = scheduler.scale_model_input(latents, t)  # (B, 4, h, w)

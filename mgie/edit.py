@@ -13,8 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
-                ".tiff": "TIFF"}
+SAVE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
 
 
@@ -42,18 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = _Parser(prog="python -m mgie.edit", description=__doc__.splitlines()[0])
     p.add_argument("--image", required=True, help="input image (any format PIL reads)")
-    p.add_argument("--instruction", required=True, help='terse edit instruction, e.g. "make it look like night"')
+    p.add_argument(
+        "--instruction", required=True, help='terse edit instruction, e.g. "make it look like night"'
+    )
     p.add_argument("--out", help="output file (default: <input>_mgie.png beside the input)")
     p.add_argument("--checkpoint", help="MGIE checkpoint folder (default: the built-in model)")
-    p.add_argument("--seed", type=_range(int, 0, 2**63 - 1), help="random seed (default: the config's, 13331)")
+    p.add_argument(
+        "--seed", type=_range(int, 0, 2**63 - 1), help="random seed (default: the config's, 13331)"
+    )
     p.add_argument("--steps", type=_range(int, 1, 1000), help="denoising steps (default: the config's)")
     p.add_argument("--guidance", type=_range(float, 0.0, 100.0), help="text guidance scale (default 7.5)")
-    p.add_argument("--image-guidance", type=_range(float, 0.0, 100.0), help="image guidance scale (default 1.5)")
-    p.add_argument("--scheduler", help="sampler: euler_ancestral (default), ddim, dpm++, ... or a diffusers class")
-    p.add_argument("--max-side", type=_range(int, 64, 4096), help="longer side used for diffusion (default 512)")
+    p.add_argument(
+        "--image-guidance", type=_range(float, 0.0, 100.0), help="image guidance scale (default 1.5)"
+    )
+    p.add_argument(
+        "--scheduler", help="sampler: euler_ancestral (default), ddim, dpm++, ... or a diffusers class"
+    )
+    p.add_argument(
+        "--max-side", type=_range(int, 64, 4096), help="longer side used for diffusion (default 512)"
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default: bfloat16 on CUDA, float32 elsewhere)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -107,8 +128,11 @@ def load_default_model():
     cfg = tiny()
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer(cfg.model.mllm.text.vocab_size, cfg.model.mllm.num_img_tokens)
-    print("note: no --checkpoint given: using the tiny preset, whose weights are untrained (random), "
-          "so the edit is noise", file=sys.stderr)
+    print(
+        "note: no --checkpoint given: using the tiny preset, whose weights are untrained (random), "
+        "so the edit is noise",
+        file=sys.stderr,
+    )
     return MGIEModel.from_config(cfg, tokenizer, adapters=False)
 
 
@@ -129,13 +153,21 @@ def run(args: argparse.Namespace) -> int:
     from mgie.pipeline import MGIEPipeline
 
     t0 = time.perf_counter()
-    model = MGIEModel.from_pretrained(args.checkpoint, dtype=dtype) if args.checkpoint else load_default_model()
+    model = (
+        MGIEModel.from_pretrained(args.checkpoint, dtype=dtype) if args.checkpoint else load_default_model()
+    )
     pipe = MGIEPipeline(model.to(device=device, dtype=dtype))
     pipe.check_instruction(args.instruction)
     t1 = time.perf_counter()
     result = pipe(
-        [loaded.rgb], [args.instruction], steps=args.steps, guidance=args.guidance,
-        image_guidance=args.image_guidance, seed=args.seed, scheduler=args.scheduler, max_side=args.max_side,
+        [loaded.rgb],
+        [args.instruction],
+        steps=args.steps,
+        guidance=args.guidance,
+        image_guidance=args.image_guidance,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        max_side=args.max_side,
         progress=not args.quiet,
     )
     t2 = time.perf_counter()

@@ -43,5 +43,9 @@ class EditHead(nn.Module):
 
     def null(self, img_embeds: torch.Tensor, batch: int = 1) -> torch.Tensor:
         """The null (unconditional) text condition: the head on zero states plus ``E``; (batch, Q, C)."""
-        zeros = torch.zeros_like(img_embeds).unsqueeze(0) if img_embeds.dim() == 2 else torch.zeros_like(img_embeds[:1])
+        zeros = (
+            torch.zeros_like(img_embeds).unsqueeze(0)
+            if img_embeds.dim() == 2
+            else torch.zeros_like(img_embeds[:1])
+        )
         return self.forward(zeros, img_embeds).expand(batch, -1, -1)

@@ -27,8 +27,15 @@ def default_token_ids(cfg: MLLMConfig) -> TokenIds:
     """Ids of the MGIE tokens appended to a LLaMA-layout vocabulary (unk 0, bos 1, eos 2)."""
     base = cfg.text.vocab_size
     n = cfg.num_img_tokens
-    return TokenIds(bos=1, eos=2, pad=0, im_patch=base, im_start=base + 1, im_end=base + 2,
-                    img=tuple(range(base + 3, base + 3 + n)))
+    return TokenIds(
+        bos=1,
+        eos=2,
+        pad=0,
+        im_patch=base,
+        im_start=base + 1,
+        im_end=base + 2,
+        img=tuple(range(base + 3, base + 3 + n)),
+    )
 
 
 def llava_config(cfg: MLLMConfig) -> LlavaConfig:
@@ -36,21 +43,35 @@ def llava_config(cfg: MLLMConfig) -> LlavaConfig:
     v, t = cfg.vision, cfg.text
     vocab = t.vocab_size + len(mgie_token_names(cfg.num_img_tokens))
     vision = CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps,
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps,
         hidden_act="quick_gelu",
     )
     text = LlamaConfig(
-        hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads, max_position_embeddings=t.max_position_embeddings,
-        rms_norm_eps=t.rms_norm_eps, vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        rms_norm_eps=t.rms_norm_eps,
+        vocab_size=vocab,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         tie_word_embeddings=False,
     )
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=t.vocab_size,
-        image_seq_length=num_patches(cfg), vision_feature_layer=cfg.vision_feature_layer,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=t.vocab_size,
+        image_seq_length=num_patches(cfg),
+        vision_feature_layer=cfg.vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="linear" if cfg.projector == "linear" else "gelu",
     )
@@ -86,8 +107,11 @@ def quantization_config(q: QuantizationConfig):
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype), llm_int8_skip_modules=skip,
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        llm_int8_skip_modules=skip,
     )
 
 
@@ -98,12 +122,22 @@ def load_mllm(
     config = llava_config(cfg)
     try:
         model, info = LlavaForConditionalGeneration.from_pretrained(
-            str(path), config=config, dtype=dtype, attn_implementation=cfg.attn_implementation,
-            quantization_config=quantization_config(quant) if quant else None, output_loading_info=True,
+            str(path),
+            config=config,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            quantization_config=quantization_config(quant) if quant else None,
+            output_loading_info=True,
         )
     except (OSError, RuntimeError) as e:  # transformers raises RuntimeError on shape mismatches
-        raise ValueError(f"{path}: checkpoint does not match the model config ({str(e).splitlines()[0]})") from None
-    bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        raise ValueError(
+            f"{path}: checkpoint does not match the model config ({str(e).splitlines()[0]})"
+        ) from None
+    bad = {
+        k: sorted(v)
+        for k, v in info.items()
+        if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v
+    }
     if bad:
         raise ValueError(f"{path}: checkpoint does not match the model config: {bad}")
     return model
@@ -124,7 +158,9 @@ def apply_adapters(model: LlavaForConditionalGeneration, lora: LoRAConfig, ids: 
     if lora.enabled:
         targets = "|".join(lora.target_modules)
         config = LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
             target_modules=rf".*language_model.*\.({targets})",
             trainable_token_indices={"embed_tokens": img, "lm_head": img},
         )
@@ -154,7 +190,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
                 w += module.get_delta_weight(adapter).to(w.dtype)
             merged[f"{name}.weight"] = w
         elif isinstance(module, TrainableTokensLayer):
-            merged[f"{_strip(name)}.weight"] = module.get_merged_weights(module.active_adapters).detach().clone()
+            merged[f"{_strip(name)}.weight"] = (
+                module.get_merged_weights(module.active_adapters).detach().clone()
+            )
     out = {}
     for key, value in base.state_dict().items():
         if "lora_" in key or "trainable_tokens_" in key:

@@ -59,8 +59,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 class MGIEModel(nn.Module):
     """MGIE: LLaVA (+LoRA, trainable [IMG] rows) -> edit head -> InstructPix2Pix UNet (VAE frozen)."""
 
-    def __init__(self, cfg: MGIEConfig, mllm: nn.Module, edit_head: EditHead, unet: nn.Module,
-                 vae: nn.Module, ids: TokenIds, tokenizer=None):
+    def __init__(
+        self,
+        cfg: MGIEConfig,
+        mllm: nn.Module,
+        edit_head: EditHead,
+        unet: nn.Module,
+        vae: nn.Module,
+        ids: TokenIds,
+        tokenizer=None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.mllm = mllm
@@ -82,7 +90,9 @@ class MGIEModel(nn.Module):
         mllm = build_mllm(m.mllm)
         if adapters:
             mllm = apply_adapters(mllm, m.lora, ids)
-        return cls._assemble(cfg, mllm, ids, tokenizer, build_unet(m.diffusion.unet), build_vae(m.diffusion.vae))
+        return cls._assemble(
+            cfg, mllm, ids, tokenizer, build_unet(m.diffusion.unet), build_vae(m.diffusion.vae)
+        )
 
     @classmethod
     def _assemble(cls, cfg, mllm, ids, tokenizer, unet, vae) -> MGIEModel:
@@ -104,8 +114,12 @@ class MGIEModel(nn.Module):
         Positions come from the attention mask, so left and right padding give the same states.
         """
         out = self.mllm(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-            pixel_values=pixel_values.to(self.mllm.dtype), output_hidden_states=True, use_cache=False,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            pixel_values=pixel_values.to(self.mllm.dtype),
+            output_hidden_states=True,
+            use_cache=False,
         )
         return out.logits, out.hidden_states[-1]
 
@@ -132,8 +146,16 @@ class MGIEModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values, source, target,
-                generator: torch.Generator | None = None) -> MGIEOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        labels,
+        pixel_values,
+        source,
+        target,
+        generator: torch.Generator | None = None,
+    ) -> MGIEOutput:
         """Both MGIE losses for a batch.
 
         ``input_ids``/``attention_mask``/``labels`` (B, L) with the assistant turn supervised;
@@ -172,14 +194,21 @@ class MGIEModel(nn.Module):
             self.tokenizer.save_pretrained(path / "tokenizer")
         base = build_mllm_like(self.mllm)
         base.save_pretrained(path / "mllm", state_dict=merged_state_dict(self.mllm))
-        save_file({k: v.detach().contiguous() for k, v in self.edit_head.state_dict().items()},
-                  path / "edit_head.safetensors")
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.edit_head.state_dict().items()},
+            path / "edit_head.safetensors",
+        )
         self.unet.save_pretrained(path / "unet")
         self.vae.save_pretrained(path / "vae")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, adapters: bool = False,
-                        overrides: list[str] | None = None) -> MGIEModel:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        adapters: bool = False,
+        overrides: list[str] | None = None,
+    ) -> MGIEModel:
         """Load a folder written by :meth:`save_pretrained`; every weight must be present and fit.
 
         ``adapters=True`` re-attaches fresh LoRA/[IMG] adapters (for further training).
@@ -224,7 +253,9 @@ def _check_ids(cfg: MGIEConfig, tokenizer) -> TokenIds:
     got = (ids.im_patch, ids.im_start, ids.im_end, ids.img)
     want = (expected.im_patch, expected.im_start, expected.im_end, expected.img)
     if got != want:
-        raise CheckpointError(f"tokenizer MGIE token ids {got} differ from the config's vocabulary layout {want}")
+        raise CheckpointError(
+            f"tokenizer MGIE token ids {got} differ from the config's vocabulary layout {want}"
+        )
     return ids
 
 

@@ -45,7 +45,9 @@ class MGIEPipeline:
         self.tokenizer = model.tokenizer
         self.cfg = model.cfg
         side = self.cfg.model.mllm.vision.image_size
-        self.clip = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        self.clip = CLIPImageProcessorPil(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -81,12 +83,17 @@ class MGIEPipeline:
         prompts = [build_prompt(self.tokenizer, ids, t, num_patches(self.cfg.model.mllm)) for t in texts]
         input_ids, mask = pad_sequences(prompts, ids.pad, side="left")
         out = model.mllm.generate(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), pixel_values=pixels.to(model.mllm.dtype),
-            max_new_tokens=inf.max_new_tokens, do_sample=False, num_beams=1,
-            no_repeat_ngram_size=inf.no_repeat_ngram_size, eos_token_id=[ids.eos, ids.img[0]],
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=pixels.to(model.mllm.dtype),
+            max_new_tokens=inf.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            no_repeat_ngram_size=inf.no_repeat_ngram_size,
+            eos_token_id=[ids.eos, ids.img[0]],
             pad_token_id=ids.pad,
         )
-        generated = out[:, input_ids.shape[1]:].tolist()
+        generated = out[:, input_ids.shape[1] :].tolist()
         stop = {ids.eos, ids.im_patch, ids.im_start, ids.im_end, *ids.img}  # text ends at any of these
         text_ids = [_until(row, stop) for row in generated]
         full = [p + t + list(ids.img) for p, t in zip(prompts, text_ids)]
@@ -129,10 +136,18 @@ class MGIEPipeline:
             w, h = fit_size(*img.size, max_side or inf.max_side, multiple)
             src = to_tensor([img.resize((w, h), Image.Resampling.LANCZOS)]).to(device)  # (1, 3, h, w)
             latents = sample(
-                model.unet, sched, encode_source(model.vae, src), cond[i : i + 1], null, steps,
+                model.unet,
+                sched,
+                encode_source(model.vae, src),
+                cond[i : i + 1],
+                null,
+                steps,
                 inf.guidance if guidance is None else guidance,
-                inf.image_guidance if image_guidance is None else image_guidance, generator,
-                progress=partial(tqdm, desc=f"diffusion {i + 1}/{len(images)}", leave=False) if progress else None,
+                inf.image_guidance if image_guidance is None else image_guidance,
+                generator,
+                progress=partial(tqdm, desc=f"diffusion {i + 1}/{len(images)}", leave=False)
+                if progress
+                else None,
             )
             out = to_pil(decode(model.vae, latents))[0]
             outputs.append(out if out.size == img.size else out.resize(img.size, Image.Resampling.LANCZOS))

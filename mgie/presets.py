@@ -38,20 +38,33 @@ def tiny() -> MGIEConfig:
     """A tiny MGIE with the full structure, for tests and CPU smoke runs."""
     mllm = MLLMConfig(
         vision=VisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=16, patch_size=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
         ),
         text=TextConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            vocab_size=TINY_VOCAB,
         ),
         num_img_tokens=4,
     )
     diffusion = DiffusionConfig(
         unet=UNetConfig(
-            sample_size=8, block_out_channels=[32, 64], layers_per_block=1, attention_head_dim=8,
+            sample_size=8,
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            attention_head_dim=8,
             down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32,
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=32,
         ),
         vae=VAEConfig(block_out_channels=[32, 32, 64, 64], layers_per_block=1, sample_size=64),
     )
@@ -59,7 +72,11 @@ def tiny() -> MGIEConfig:
         mllm=mllm,
         lora=LoRAConfig(r=4, alpha=8, dropout=0.0),
         edit_head=EditHeadConfig(
-            hidden_size=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ff_size=64,
+            hidden_size=32,
+            num_heads=2,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+            ff_size=64,
             num_queries=16,
         ),
         diffusion=diffusion,

@@ -159,7 +159,9 @@ def pad_sequences(
     return out, mask
 
 
-def img_hidden_states(hidden: torch.Tensor, input_ids: torch.Tensor, img_ids: tuple[int, ...]) -> torch.Tensor:
+def img_hidden_states(
+    hidden: torch.Tensor, input_ids: torch.Tensor, img_ids: tuple[int, ...]
+) -> torch.Tensor:
     """Hidden states at the positions that *predict* ``[IMG0..N-1]``.
 
     ``hidden`` (B, L, H) are last-layer (post-norm) states of a teacher-forced pass over

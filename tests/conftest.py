@@ -47,16 +47,20 @@ def model(tiny_cfg, tokenizer):
 def make_batch(model: MGIEModel, n: int = 2, size: int = 32, seed: int = 0) -> dict:
     """A seeded training batch: random images, two different instruction/expressive pairs."""
     g = torch.Generator().manual_seed(seed)
-    pairs = [("make it look like night", "the sky turns dark with stars"),
-             ("remove the red square", "the red square is gone"),
-             ("make the sky blue", "a blue sky above the houses")]
+    pairs = [
+        ("make it look like night", "the sky turns dark with stars"),
+        ("remove the red square", "the red square is gone"),
+        ("make the sky blue", "a blue sky above the houses"),
+    ]
     m = model.cfg.model.mllm
     patches = (m.vision.image_size // m.vision.patch_size) ** 2
     seqs, labels = zip(*[build_example(model.tokenizer, model.ids, *pairs[i % 3], patches) for i in range(n)])
     input_ids, mask = pad_sequences(list(seqs), model.ids.pad, side="right")
     lab, _ = pad_sequences(list(labels), -100, side="right")
     return dict(
-        input_ids=input_ids, attention_mask=mask, labels=lab,
+        input_ids=input_ids,
+        attention_mask=mask,
+        labels=lab,
         pixel_values=torch.randn(n, 3, m.vision.image_size, m.vision.image_size, generator=g),
         source=torch.rand(n, 3, size, size, generator=g) * 2 - 1,
         target=torch.rand(n, 3, size, size, generator=g) * 2 - 1,

@@ -38,9 +38,22 @@ def test_end_to_end_on_a_real_jpeg_subprocess(tmp_path):
     out = tmp_path / "night.png"
     before = digest(src)
     proc = subprocess.run(
-        [sys.executable, "-m", "mgie.edit", "--image", str(src), "--instruction", "turn the day into night",
-         "--out", str(out), *FAST],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [
+            sys.executable,
+            "-m",
+            "mgie.edit",
+            "--image",
+            str(src),
+            "--instruction",
+            "turn the day into night",
+            "--out",
+            str(out),
+            *FAST,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr
     assert "untrained" in proc.stderr and "Traceback" not in proc.stderr
@@ -86,7 +99,9 @@ def _modes(tmp_path: Path) -> dict[str, Path]:
 def test_any_pil_mode_and_exif_orientation(tmp_path, capsys, mode):
     src = _modes(tmp_path)[mode]
     out = tmp_path / f"out_{mode.replace(';', '')}.png"
-    code, _, err = run_cli(capsys, "--image", str(src), "--instruction", "make it dark", "--out", str(out), *FAST)
+    code, _, err = run_cli(
+        capsys, "--image", str(src), "--instruction", "make it dark", "--out", str(out), *FAST
+    )
     assert code == 0, err
     with Image.open(out) as im:
         assert im.size == ((28, 36) if mode == "EXIF" else (36, 28))  # EXIF orientation honoured
@@ -137,11 +152,31 @@ def _bad_inputs(tmp_path: Path) -> dict[str, list[str]]:
     }
 
 
-BAD = ["missing file", "directory", "not an image", "truncated", "absurd size", "empty instruction",
-       "blank instruction", "overlong instruction", "steps 0", "steps text", "guidance negative",
-       "image guidance huge", "seed negative", "max side tiny", "missing checkpoint", "not a checkpoint",
-       "out is input", "out exists", "bad extension", "missing out folder", "no cuda", "bad scheduler",
-       "missing instruction flag"]
+BAD = [
+    "missing file",
+    "directory",
+    "not an image",
+    "truncated",
+    "absurd size",
+    "empty instruction",
+    "blank instruction",
+    "overlong instruction",
+    "steps 0",
+    "steps text",
+    "guidance negative",
+    "image guidance huge",
+    "seed negative",
+    "max side tiny",
+    "missing checkpoint",
+    "not a checkpoint",
+    "out is input",
+    "out exists",
+    "bad extension",
+    "missing out folder",
+    "no cuda",
+    "bad scheduler",
+    "missing instruction flag",
+]
 
 
 @pytest.mark.parametrize("case", BAD)

@@ -52,7 +52,9 @@ def test_wrong_types_and_values_raise(override, message):
 
 
 def test_overrides_and_int_to_float():
-    cfg = load_config(overrides=["model.lora.r=8", "train.lr=1", "model.diffusion.unet.block_out_channels=[8, 16]"])
+    cfg = load_config(
+        overrides=["model.lora.r=8", "train.lr=1", "model.diffusion.unet.block_out_channels=[8, 16]"]
+    )
     assert cfg.model.lora.r == 8 and cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.model.diffusion.unet.block_out_channels == [8, 16]
     assert cfg.model.lora.alpha == 32  # untouched siblings keep defaults

@@ -26,9 +26,14 @@ def parts(tiny_cfg):
     return build_unet(d.unet).eval(), build_vae(d.vae).eval()
 
 
-@pytest.mark.parametrize("scheduler, guidance, image_guidance", [
-    ("euler_ancestral", 7.5, 1.5), ("euler_ancestral", 3.0, 1.2), ("ddim", 7.5, 1.5),
-])
+@pytest.mark.parametrize(
+    "scheduler, guidance, image_guidance",
+    [
+        ("euler_ancestral", 7.5, 1.5),
+        ("euler_ancestral", 3.0, 1.2),
+        ("ddim", 7.5, 1.5),
+    ],
+)
 def test_sampler_matches_diffusers_pipeline(parts, tiny_cfg, scheduler, guidance, image_guidance):
     """Same UNet, VAE, scheduler, seed and embeddings: our loop == diffusers' IP2P pipeline."""
     unet, vae = parts
@@ -39,27 +44,55 @@ def test_sampler_matches_diffusers_pipeline(parts, tiny_cfg, scheduler, guidance
     images = [random_image(32, 24, seed=1), random_image(32, 24, seed=2)]
 
     pipe = StableDiffusionInstructPix2PixPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sampling_scheduler(scheduler, noise),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=sampling_scheduler(scheduler, noise),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    ref = pipe(image=images, prompt_embeds=cond, negative_prompt_embeds=null.expand(2, -1, -1),
-               num_inference_steps=6, guidance_scale=guidance, image_guidance_scale=image_guidance,
-               generator=torch.Generator().manual_seed(7), output_type="latent").images
+    ref = pipe(
+        image=images,
+        prompt_embeds=cond,
+        negative_prompt_embeds=null.expand(2, -1, -1),
+        num_inference_steps=6,
+        guidance_scale=guidance,
+        image_guidance_scale=image_guidance,
+        generator=torch.Generator().manual_seed(7),
+        output_type="latent",
+    ).images
 
-    latents = sample(unet, sampling_scheduler(scheduler, noise), encode_source(vae, to_tensor(images)), cond, null,
-                     steps=6, guidance=guidance, image_guidance=image_guidance,
-                     generator=torch.Generator().manual_seed(7))
+    latents = sample(
+        unet,
+        sampling_scheduler(scheduler, noise),
+        encode_source(vae, to_tensor(images)),
+        cond,
+        null,
+        steps=6,
+        guidance=guidance,
+        image_guidance=image_guidance,
+        generator=torch.Generator().manual_seed(7),
+    )
     assert latents.shape == ref.shape == (2, 4, 3, 4)
     torch.testing.assert_close(latents, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_widen_conv_in_is_exact_at_init():
     torch.manual_seed(0)
-    unet4 = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                                 attention_head_dim=8, cross_attention_dim=32).eval()
+    unet4 = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+    ).eval()
     x, src, c = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     with torch.no_grad():
         before = unet4(x, 10, c).sample

@@ -23,8 +23,13 @@ def test_paper_head_parameter_count():
 
 def test_shapes_null_and_determinism():
     torch.manual_seed(0)
-    head = EditHead(EditHeadConfig(hidden_size=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1,
-                                   ff_size=64, num_queries=7), 48, 24).eval()
+    head = EditHead(
+        EditHeadConfig(
+            hidden_size=32, num_heads=2, num_encoder_layers=1, num_decoder_layers=1, ff_size=64, num_queries=7
+        ),
+        48,
+        24,
+    ).eval()
     h, e = torch.randn(3, 5, 48), torch.randn(5, 48)
     out = head(h, e)
     assert out.shape == (3, 7, 24)

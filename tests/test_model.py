@@ -51,7 +51,9 @@ def _frozen_and_trainable(model):
 def test_gradients_reach_exactly_the_trainable_parameters(model):
     trainable, frozen = _frozen_and_trainable(model)
     groups = model.trainable_groups()
-    assert {id(p) for g in groups.values() for p in g} == {id(p) for n, p in model.named_parameters() if n in trainable}
+    assert {id(p) for g in groups.values() for p in g} == {
+        id(p) for n, p in model.named_parameters() if n in trainable
+    }
     assert all(len(g) > 0 for g in groups.values())
     assert not any(n.startswith("vae.") for n in trainable)
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
@@ -119,14 +121,19 @@ def test_save_load_gives_identical_outputs(tmp_path, tiny_cfg, tokenizer):
         l1, h1 = model.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         l2, h2 = loaded.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)  # LoRA merged: float rounding only
-        torch.testing.assert_close(loaded.condition(h2, batch["input_ids"]), model.condition(h1, batch["input_ids"]),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loaded.condition(h2, batch["input_ids"]),
+            model.condition(h1, batch["input_ids"]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         torch.testing.assert_close(loaded.null_condition(), model.null_condition(), rtol=1e-5, atol=1e-5)
         for a, b in zip(loaded.unet.state_dict().values(), model.unet.state_dict().values()):
             assert torch.equal(a, b)
     # Saving the loaded (plain) model again is bit-identical.
     loaded.save_pretrained(tmp_path / "again")
     from safetensors.torch import load_file
+
     for f in ("mllm/model.safetensors", "edit_head.safetensors"):
         x, y = load_file(tmp_path / "ckpt" / f), load_file(tmp_path / "again" / f)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

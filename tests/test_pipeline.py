@@ -64,11 +64,21 @@ def _generated_ids(pipe, img):
     prompt = build_prompt(pipe.tokenizer, ids, "make the sky blue", 16)
     x, mask = pad_sequences([prompt], ids.pad, "left")
     pixels = pipe.clip(images=[img], return_tensors="pt")["pixel_values"]
-    out = m.mllm.generate(input_ids=x, attention_mask=mask, pixel_values=pixels, max_new_tokens=16, do_sample=False,
-                          no_repeat_ngram_size=3, eos_token_id=[ids.eos, *ids.img], pad_token_id=ids.pad)
-    gen = out[0, x.shape[1]:].tolist()
-    stop = next((i for i, t in enumerate(gen) if t in {ids.eos, ids.im_patch, ids.im_start, ids.im_end, *ids.img}),
-                len(gen))
+    out = m.mllm.generate(
+        input_ids=x,
+        attention_mask=mask,
+        pixel_values=pixels,
+        max_new_tokens=16,
+        do_sample=False,
+        no_repeat_ngram_size=3,
+        eos_token_id=[ids.eos, *ids.img],
+        pad_token_id=ids.pad,
+    )
+    gen = out[0, x.shape[1] :].tolist()
+    stop = next(
+        (i for i, t in enumerate(gen) if t in {ids.eos, ids.im_patch, ids.im_start, ids.im_end, *ids.img}),
+        len(gen),
+    )
     return gen[:stop]
 
 

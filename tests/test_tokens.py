@@ -36,7 +36,12 @@ def test_added_tokens_take_official_ids(llama):
     tok, ids = llama
     assert len(tok) == 32011
     assert tok.convert_tokens_to_ids(mgie_token_names(8)) == list(range(32000, 32011))
-    assert (ids.im_patch, ids.im_start, ids.im_end, ids.img) == (32000, 32001, 32002, tuple(range(32003, 32011)))
+    assert (ids.im_patch, ids.im_start, ids.im_end, ids.img) == (
+        32000,
+        32001,
+        32002,
+        tuple(range(32003, 32011)),
+    )
     assert (ids.bos, ids.eos, ids.pad) == (1, 2, 0)
     assert add_mgie_tokens(tok, 8) == ids and len(tok) == 32011  # idempotent
 
@@ -46,11 +51,20 @@ def test_golden_prompt_ids(llama):
     p = build_prompt(tok, ids, "turn the day into night", 256)
     # 311 tokens: the length the official slow tokenizer gives for this demo prompt (reference 6).
     assert len(p) == 311
-    assert p[:8] == [1, 319, 13563, 1546, 263, 12758, 1404, 322]  # <s> ▁A ▁chat ▁between ▁a ▁curious ▁user ▁and
+    assert p[:8] == [
+        1,
+        319,
+        13563,
+        1546,
+        263,
+        12758,
+        1404,
+        322,
+    ]  # <s> ▁A ▁chat ▁between ▁a ▁curious ▁user ▁and
     assert p[-5:] == [319, 1799, 9047, 13566, 29901]  # ▁A SS IST ANT : right after <im_end>
     start = p.index(32001)
-    assert p[start:start + 258] == [32001] + [32000] * 256 + [32002]
-    assert p[start - 5:start] == [278, 2462, 964, 4646, 29915]  # ▁the ▁day ▁into ▁night ' (no "\n" piece)
+    assert p[start : start + 258] == [32001] + [32000] * 256 + [32002]
+    assert p[start - 5 : start] == [278, 2462, 964, 4646, 29915]  # ▁the ▁day ▁into ▁night ' (no "\n" piece)
 
 
 @pytest.mark.parametrize("i", range(20))
@@ -68,7 +82,11 @@ def test_example_labels_supervise_only_the_answer(llama, sp):
     input_ids, labels = build_example(tok, ids, "make it dark", "The sky turns black.", 256)
     n_prompt = len(build_prompt(tok, ids, "make it dark", 256))
     assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == input_ids[n_prompt:] == sp.encode("The sky turns black.") + list(range(32003, 32011)) + [2]
+    assert (
+        labels[n_prompt:]
+        == input_ids[n_prompt:]
+        == sp.encode("The sky turns black.") + list(range(32003, 32011)) + [2]
+    )
 
 
 def test_partial_tokens_rejected(tokenizer):

@@ -103,7 +103,7 @@ def quantization_config(q: QuantizationConfig):
         return None
     from transformers import BitsAndBytesConfig
 
-    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # matched from the start
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(

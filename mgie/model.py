@@ -236,6 +236,8 @@ class MGIEModel(nn.Module):
             model.edit_head.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{path / 'edit_head.safetensors'}: {str(e).splitlines()[0]}") from None
+        if cfg.model.quantization.bits:  # k-bit layers keep their storage; the rest is already in dtype
+            return model.to(device=model.vae.device)
         return model.to(dtype=dtype)
 
 

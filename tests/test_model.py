@@ -167,3 +167,61 @@ def test_paper_preset_parameter_counts_on_meta():
     assert 859e6 < count(model.unet) < 860e6  # SD-1.5 UNet with 8 input channels: 859.5M
     assert model.unet.conv_in.weight.shape == (320, 8, 3, 3)
     assert model.mllm.config.image_seq_length == 256 and model.mllm.config.image_token_id == 32000
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_kbit_loading_through_bitsandbytes(tmp_path, tiny_cfg, tokenizer, bits):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = make_model(tiny_cfg, tokenizer, adapters=False).eval()
+    model.save_pretrained(tmp_path / "c")
+    over = [f"model.quantization.bits={bits}", "model.quantization.compute_dtype=float32"]
+    q = MGIEModel.from_pretrained(tmp_path / "c", overrides=over, adapters=True)
+    layer_cls = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    kinds = {type(mod) for n, mod in q.mllm.named_modules() if n.endswith("layers.0.mlp.up_proj.base_layer")}
+    assert kinds == {layer_cls}
+    assert not any(isinstance(mod, layer_cls) for n, mod in q.mllm.named_modules() if "vision_tower" in n)
+    batch = make_batch(q)
+    out = q(**batch, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for g in q.trainable_groups().values() for p in g)
+    q.eval()
+    with torch.no_grad():
+        ref, _ = model.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        got, _ = q.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.25  # quantised (blocks of 64 on 64-wide layers), so not identical, but close
+
+
+def test_variants_lora_off_mlp_projector_and_checkpointing(tiny_cfg, tokenizer):
+    from mgie.config import from_dict, to_dict
+
+    d = to_dict(tiny_cfg)
+    d["model"]["lora"]["enabled"] = False
+    d["model"]["mllm"]["projector"] = "mlp2x_gelu"
+    cfg = from_dict(d)
+    model = make_model(cfg, tokenizer)
+    groups = model.trainable_groups()
+    assert groups["lora"] == [] and len(groups["img_tokens"]) == 2  # embedding rows + LM-head rows
+    assert model.mllm.config.projector_hidden_act == "gelu"
+    batch = make_batch(model)
+    loss = model(**batch, generator=torch.Generator().manual_seed(0)).loss
+    d["model"]["mllm"]["gradient_checkpointing"] = True
+    ckpt = make_model(from_dict(d), tokenizer)
+    assert ckpt.mllm.get_base_model().is_gradient_checkpointing
+    loss_ckpt = ckpt(**batch, generator=torch.Generator().manual_seed(0)).loss
+    loss.backward()
+    loss_ckpt.backward()
+    torch.testing.assert_close(loss_ckpt, loss)
+    for (n, a), (_, b) in zip(model.named_parameters(), ckpt.named_parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_linear_projector_is_exactly_one_linear(model):
+    proj = model.mllm.get_base_model().model.multi_modal_projector
+    x = torch.randn(3, proj.linear_1.in_features)
+    with torch.no_grad():
+        assert torch.equal(proj(x), proj.linear_1(x))

@@ -173,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
     t2 = time.perf_counter()
     save_image(result.images[0], loaded.alpha, out)
     print(result.expressive[0])
+    if not result.expressive[0]:
+        print("note: the model wrote no expressive text before its [IMG] tokens", file=sys.stderr)
     print(f"wrote {out} (load {t1 - t0:.1f}s, edit {t2 - t1:.1f}s)", file=sys.stderr)
     return 0
 

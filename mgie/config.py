@@ -8,6 +8,7 @@ those defaults; unknown keys and wrong types raise :class:`ConfigError` naming t
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,28 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loader that also reads ``1e-4`` (no dot) as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 # ----------------------------------------------------------------------------- model
@@ -62,6 +85,7 @@ class MLLMConfig:
     num_img_tokens: int = 8  # [IMG0] .. [IMG{N-1}]
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
+    tokenizer: str = ""  # LLaMA tokenizer folder for a model built from scratch; "" = built-in tiny one
 
 
 @dataclass
@@ -199,6 +223,7 @@ class DataConfig:
 
     dataset: Literal["ipr2pr", "magicbrush", "gier", "evr", "ma5k", "jsonl", "shapes"] = "jsonl"
     path: str = ""
+    split: str = "train"
     resolution: int = 256  # diffusion crop (paper: 256x256)
     max_instruction_tokens: int = 64
     max_expressive_tokens: int = 64
@@ -207,13 +232,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (paper: AdamW 5e-4, wd 0, cosine, 3% warm-up)."""
+    """Optimisation recipe (paper: AdamW 5e-4, wd 0, cosine, 3% warm-up, global batch 32)."""
 
     output_dir: str = "runs/default"
-    init_from: str = ""
+    init_from: str = ""  # an MGIE checkpoint folder to start from ("" = random init from the config)
     seed: int = 0
-    max_steps: int = 1000
-    micro_batch_size: int = 4
+    max_steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 4  # per process
+    grad_accum: int = 1
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     lr: float = 5e-4
     lr_lora: float = 0.0  # 0 = use lr
     lr_img_tokens: float = 0.0
@@ -224,7 +251,8 @@ class TrainConfig:
     train_unet: bool = True
     log_every: int = 10
     save_every: int = 500
-    max_bad_steps: int = 10
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
 
 
 @dataclass
@@ -235,7 +263,7 @@ class MGIEConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    deepspeed: dict[str, Any] = field(default_factory=dict)  # passed as is to deepspeed.initialize
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # the DeepSpeed config (batch sizes derived)
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -326,7 +354,7 @@ def parse_override(text: str) -> dict:
     if not all(keys):
         raise ConfigError(f"override {text!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({e.problem})") from None
     for k in reversed(keys):
@@ -350,7 +378,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(data, dict):

@@ -169,38 +169,41 @@ def apply_adapters(model: LlavaForConditionalGeneration, lora: LoRAConfig, ids: 
     return get_peft_model(model, config)
 
 
+def _peft_layers():
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.trainable_tokens import TrainableTokensLayer
+
+    return LoraLayer, TrainableTokensLayer
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain LLaVA state dict under a peft-wrapped model, adapters *not* applied."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {
+        _strip(k): v.detach().clone()
+        for k, v in base.state_dict().items()
+        if "lora_" not in k and "trainable_tokens_" not in k
+    }
+
+
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The plain LLaVA state dict of a (possibly peft-wrapped) model, adapters merged in.
 
     Computed without touching the live model: LoRA deltas are added and trainable [IMG] rows
     written into copies of the base weights.
     """
-    from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.trainable_tokens import TrainableTokensLayer
-
-    if not isinstance(model, PeftModel):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    base = model.get_base_model()
-    merged: dict[str, torch.Tensor] = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            w = module.get_base_layer().weight.detach().clone()
+    out = base_state_dict(model)
+    if not hasattr(model, "get_base_model"):
+        return out
+    lora_layer, tokens_layer = _peft_layers()
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, lora_layer):
+            w = out[f"{_strip(name)}.weight"]
             for adapter in module.active_adapters:
                 w += module.get_delta_weight(adapter).to(w.dtype)
-            merged[f"{name}.weight"] = w
-        elif isinstance(module, TrainableTokensLayer):
-            merged[f"{_strip(name)}.weight"] = (
-                module.get_merged_weights(module.active_adapters).detach().clone()
-            )
-    out = {}
-    for key, value in base.state_dict().items():
-        if "lora_" in key or "trainable_tokens_" in key:
-            continue
-        key = _strip(key)
-        out[key] = merged.get(key, value).detach().clone()
-    for key, value in merged.items():
-        out[_strip(key)] = value
+        elif isinstance(module, tokens_layer):
+            merged = module.get_merged_weights(module.active_adapters)
+            out[f"{_strip(name)}.weight"] = merged.detach().clone()
     return out
 
 

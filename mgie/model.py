@@ -32,7 +32,15 @@ from mgie.diffusion import (
     noise_scheduler,
 )
 from mgie.edit_head import EditHead
-from mgie.mllm import apply_adapters, build_mllm, default_token_ids, freeze, load_mllm, merged_state_dict
+from mgie.mllm import (
+    apply_adapters,
+    base_state_dict,
+    build_mllm,
+    default_token_ids,
+    freeze,
+    load_mllm,
+    merged_state_dict,
+)
 from mgie.tokens import TokenIds, img_hidden_states, token_ids
 
 FOLDER_FILES = ("config.yaml", "tokenizer", "mllm", "edit_head.safetensors", "unet", "vae")
@@ -185,19 +193,25 @@ class MGIEModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the inference folder (see module docstring); adapters are merged into ``mllm/``."""
+    def save_pretrained(self, path: str | Path, merge_adapters: bool = True) -> None:
+        """Write the inference folder (see module docstring).
+
+        ``merge_adapters``: LoRA and the [IMG] rows are merged into ``mllm/`` (a plain llava-hf
+        folder); otherwise ``mllm/`` keeps the base weights and ``adapter/`` the peft adapter.
+        """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, path / "config.yaml")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path / "tokenizer")
         base = build_mllm_like(self.mllm)
-        base.save_pretrained(path / "mllm", state_dict=merged_state_dict(self.mllm))
-        save_file(
-            {k: v.detach().contiguous() for k, v in self.edit_head.state_dict().items()},
-            path / "edit_head.safetensors",
-        )
+        if merge_adapters or base is self.mllm:
+            base.save_pretrained(path / "mllm", state_dict=merged_state_dict(self.mllm))
+        else:
+            base.save_pretrained(path / "mllm", state_dict=base_state_dict(self.mllm))
+            self.mllm.save_pretrained(path / "adapter")
+        edit_head = {k: v.detach().contiguous() for k, v in self.edit_head.state_dict().items()}
+        save_file(edit_head, path / "edit_head.safetensors")
         self.unet.save_pretrained(path / "unet")
         self.vae.save_pretrained(path / "vae")
 
@@ -208,10 +222,12 @@ class MGIEModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         adapters: bool = False,
         overrides: list[str] | None = None,
+        cfg: MGIEConfig | None = None,
     ) -> MGIEModel:
         """Load a folder written by :meth:`save_pretrained`; every weight must be present and fit.
 
-        ``adapters=True`` re-attaches fresh LoRA/[IMG] adapters (for further training).
+        ``adapters=True`` re-attaches fresh LoRA/[IMG] adapters (for further training); ``cfg``
+        replaces the folder's config (e.g. a fine-tuning run's), and must fit its weights.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer
@@ -222,11 +238,15 @@ class MGIEModel(nn.Module):
         missing = [f for f in FOLDER_FILES if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"{path} is not an MGIE checkpoint: missing {missing}")
-        cfg = load_config(path / "config.yaml", overrides)
+        cfg = cfg if cfg is not None else load_config(path / "config.yaml", overrides)
         tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
         ids = _check_ids(cfg, tokenizer)
         mllm = freeze(load_mllm(path / "mllm", cfg.model.mllm, dtype, cfg.model.quantization))
-        if adapters:
+        if (path / "adapter").is_dir():  # saved with merge_adapters=False
+            from peft import PeftModel
+
+            mllm = PeftModel.from_pretrained(mllm, path / "adapter", is_trainable=adapters)
+        elif adapters:
             mllm = apply_adapters(mllm, cfg.model.lora, ids)
         unet = _load_diffusers(UNet2DConditionModel, path / "unet", dtype)
         vae = _load_diffusers(AutoencoderKL, path / "vae", dtype)

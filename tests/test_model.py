@@ -225,3 +225,22 @@ def test_linear_projector_is_exactly_one_linear(model):
     x = torch.randn(3, proj.linear_1.in_features)
     with torch.no_grad():
         assert torch.equal(proj(x), proj.linear_1(x))
+
+
+def test_save_with_adapter_kept_is_exact(tmp_path, tiny_cfg, tokenizer):
+    model = make_model(tiny_cfg, tokenizer, seed=3)
+    with torch.no_grad():
+        for _n, p in model.mllm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    model.eval()
+    model.save_pretrained(tmp_path / "c", merge_adapters=False)
+    assert (tmp_path / "c" / "adapter" / "adapter_model.safetensors").is_file()
+    loaded = MGIEModel.from_pretrained(tmp_path / "c").eval()
+    batch = make_batch(model)
+    with torch.no_grad():
+        l1, h1 = model.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        l2, h2 = loaded.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert torch.equal(l1, l2) and torch.equal(h1, h2)  # unmerged: bit-identical
+    again = MGIEModel.from_pretrained(tmp_path / "c", adapters=True)
+    assert len(again.trainable_groups()["lora"]) > 0  # the adapter comes back trainable

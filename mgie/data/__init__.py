@@ -1,0 +1,1 @@
+"""Data: edit records from every supported data set, and the training dataset."""

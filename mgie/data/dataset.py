@@ -1,0 +1,92 @@
+"""The training dataset: ``EditRecord`` -> model inputs, and the batch collation.
+
+Image preparation follows the official recipe (mgie_train.py L44-52, L540): both images are
+centre-cropped to a square and resized to 512; the CLIP branch gets that crop through the CLIP
+processor (224 for ViT-L/14), the diffusion branch a ``resolution`` x ``resolution`` resize.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from mgie.config import MGIEConfig
+from mgie.data.records import EditRecord
+from mgie.images import to_tensor
+from mgie.tokens import IGNORE_INDEX, TokenIds, build_prompt, build_target, encode_chunk, pad_sequences
+
+CROP_SIDE = 512
+
+
+def default_expressive(instruction: str) -> str:
+    """The expressive text used when a record has none: the terse instruction itself.
+
+    The CE then teaches the model to restate the instruction, and the [IMG] tokens and the
+    edit are still learned; run ``python -m mgie.expressive`` for the paper's targets.
+    """
+    return " ".join(instruction.split())
+
+
+def center_square(img: Image.Image, side: int) -> Image.Image:
+    """Centre-crop to a square and resize to ``side`` x ``side`` (bicubic)."""
+    w, h = img.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC)
+
+
+class EditDataset(Dataset):
+    """Turns records into ``input_ids``/``labels`` (assistant turn only), CLIP pixels and images."""
+
+    def __init__(self, records: list[EditRecord], tokenizer, ids: TokenIds, cfg: MGIEConfig):
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        self.records, self.tokenizer, self.ids, self.cfg = records, tokenizer, ids, cfg
+        v = cfg.model.mllm.vision
+        self.num_patches = (v.image_size // v.patch_size) ** 2
+        self.clip = CLIPImageProcessorPil(
+            size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size}
+        )
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def tokens(self, instruction: str, expressive: str | None) -> tuple[list[int], list[int]]:
+        """``(input_ids, labels)``; texts over their token budgets (config) are cut."""
+        d = self.cfg.data
+        instruction = self._cut(instruction, d.max_instruction_tokens)
+        expressive = self._cut(expressive or default_expressive(instruction), d.max_expressive_tokens)
+        prompt = build_prompt(self.tokenizer, self.ids, instruction, self.num_patches)
+        target = build_target(self.tokenizer, self.ids, expressive)
+        return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+    def _cut(self, text: str, limit: int) -> str:
+        ids = encode_chunk(self.tokenizer, text)
+        return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        src = center_square(rec.source.load(), CROP_SIDE)
+        tgt = center_square(rec.target.load(), CROP_SIDE)
+        res = self.cfg.data.resolution
+        input_ids, labels = self.tokens(rec.instruction, rec.expressive)
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": self.clip(images=[src], return_tensors="pt")["pixel_values"][0],  # (3, S, S)
+            "source": to_tensor([src.resize((res, res), Image.Resampling.BICUBIC)])[0],  # (3, R, R)
+            "target": to_tensor([tgt.resize((res, res), Image.Resampling.BICUBIC)])[0],  # (3, R, R)
+        }
+
+
+def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token sequences (labels with -100) and stack the images."""
+    input_ids, mask = pad_sequences([it["input_ids"] for it in items], pad_id, side="right")
+    labels, _ = pad_sequences([it["labels"] for it in items], IGNORE_INDEX, side="right")
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        **{k: torch.stack([it[k] for it in items]) for k in ("pixel_values", "source", "target")},
+    }

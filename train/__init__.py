@@ -1,0 +1,1 @@
+"""The training program (``deepspeed train/run.py``) and its helpers."""

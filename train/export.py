@@ -1,0 +1,87 @@
+"""Export a training checkpoint to the inference folder ``python -m mgie.edit --checkpoint`` reads.
+
+``python train/export.py --run RUN_DIR --out DIR [--tag TAG] [--keep-adapter]``
+
+Works offline for every ZeRO stage: ZeRO-sharded weights (stage 1-3) are gathered into one fp32
+state dict with DeepSpeed's ``zero_to_fp32``; stage-0 checkpoints hold the module as is.
+The model is rebuilt from the run's resolved config and tokenizer and loaded strictly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mgie.config import load_config  # noqa: E402
+from train.checkpoint import latest_tag  # noqa: E402
+
+
+def training_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 module state dict of checkpoint ``tag`` (gathering ZeRO shards)."""
+    folder = ckpt_dir / tag
+    if any(folder.glob("*optim_states.pt")) and any(folder.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    states = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not states:
+        raise ValueError(f"{folder} holds no DeepSpeed model states")
+    # Our own DeepSpeed checkpoint: it stores config and client state next to the tensors.
+    return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
+
+
+def export(run_dir: Path, out: Path, tag: str | None = None, keep_adapter: bool = False) -> Path:
+    """Rebuild the model of ``run_dir``, load checkpoint ``tag`` (default: latest), save to ``out``."""
+    from transformers import AutoTokenizer
+
+    from mgie.model import MGIEModel
+
+    ckpt_dir = run_dir / "checkpoints"
+    tag = tag or latest_tag(ckpt_dir)
+    if tag is None or not (ckpt_dir / tag).is_dir():
+        raise ValueError(f"no checkpoint {tag or '(latest)'} in {ckpt_dir}")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} exists and is not empty")
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.model.quantization.bits:
+        raise ValueError(
+            "exporting a k-bit (QLoRA) run needs its full-precision base: export with --keep-adapter"
+        )
+    model = MGIEModel.from_config(cfg, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
+    state = training_state(ckpt_dir, tag)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"checkpoint {tag} does not fit the run's config: {str(e).splitlines()[0]}"
+        ) from None
+    model.save_pretrained(out, merge_adapters=not keep_adapter)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; errors are one line and exit 2."""
+    p = argparse.ArgumentParser(prog="train/export.py", description=__doc__.splitlines()[0])
+    p.add_argument("--run", required=True, help="run directory (train.output_dir)")
+    p.add_argument("--out", required=True, help="inference folder to write")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step00000020 (default: latest)")
+    p.add_argument(
+        "--keep-adapter", action="store_true", help="keep LoRA as a peft adapter instead of merging"
+    )
+    args = p.parse_args(argv)
+    try:
+        out = export(Path(args.run), Path(args.out), args.tag, args.keep_adapter)
+    except (ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -234,7 +234,7 @@ class DataConfig:
 class TrainConfig:
     """Optimisation recipe (paper: AdamW 5e-4, wd 0, cosine, 3% warm-up, global batch 32)."""
 
-    output_dir: str = "runs/default"
+    output_dir: str = ""  # "" = runs/<config file name without .yaml>
     init_from: str = ""  # an MGIE checkpoint folder to start from ("" = random init from the config)
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
@@ -368,21 +368,33 @@ def from_dict(data: dict) -> MGIEConfig:
     return _from_dict(MGIEConfig, _merge(base, data))
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file as a dict, with its ``base: other.yaml`` chain (relative paths) merged under it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
+    try:
+        data = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MGIEConfig:
-    """Load a YAML config (optionally starting from ``preset: NAME``) and apply dotted overrides."""
+    """Load a YAML config and apply dotted overrides.
+
+    A file may start from a code preset (``preset: NAME``) and/or another file (``base: FILE``,
+    relative to it); its own keys override those, and ``overrides`` override everything.
+    """
     from mgie.presets import get_preset  # local import: presets build on this module
 
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = _yaml(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides or []:
         data = _merge(data, parse_override(text))
     preset = data.pop("preset", None)

@@ -340,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if not cfg.train.output_dir:
+            cfg.train.output_dir = str(Path("runs") / Path(args.config).stem)
         check_startup(cfg)
     except ValueError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -13,19 +13,11 @@ from torch.utils.data import Dataset
 
 from mgie.config import MGIEConfig
 from mgie.data.records import EditRecord
+from mgie.expressive import default_expressive
 from mgie.images import to_tensor
 from mgie.tokens import IGNORE_INDEX, TokenIds, build_prompt, build_target, encode_chunk, pad_sequences
 
 CROP_SIDE = 512
-
-
-def default_expressive(instruction: str) -> str:
-    """The expressive text used when a record has none: the terse instruction itself.
-
-    The CE then teaches the model to restate the instruction, and the [IMG] tokens and the
-    edit are still learned; run ``python -m mgie.expressive`` for the paper's targets.
-    """
-    return " ".join(instruction.split())
 
 
 def center_square(img: Image.Image, side: int) -> Image.Image:

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mgie.cli import Parser, ranged, run_command
+
 SAVE_FORMATS = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -25,29 +27,9 @@ SAVE_FORMATS = {
 ALPHA_FORMATS = {"PNG", "WEBP", "TIFF"}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _range(kind, lo, hi):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{value} is outside [{lo}, {hi}]")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = _Parser(prog="python -m mgie.edit", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m mgie.edit", description=__doc__.splitlines()[0])
     p.add_argument("--image", required=True, help="input image (any format PIL reads)")
     p.add_argument(
         "--instruction", required=True, help='terse edit instruction, e.g. "make it look like night"'
@@ -55,18 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default: <input>_mgie.png beside the input)")
     p.add_argument("--checkpoint", help="MGIE checkpoint folder (default: the built-in model)")
     p.add_argument(
-        "--seed", type=_range(int, 0, 2**63 - 1), help="random seed (default: the config's, 13331)"
+        "--seed", type=ranged(int, 0, 2**63 - 1), help="random seed (default: the config's, 13331)"
     )
-    p.add_argument("--steps", type=_range(int, 1, 1000), help="denoising steps (default: the config's)")
-    p.add_argument("--guidance", type=_range(float, 0.0, 100.0), help="text guidance scale (default 7.5)")
+    p.add_argument("--steps", type=ranged(int, 1, 1000), help="denoising steps (default: the config's)")
+    p.add_argument("--guidance", type=ranged(float, 0.0, 100.0), help="text guidance scale (default 7.5)")
     p.add_argument(
-        "--image-guidance", type=_range(float, 0.0, 100.0), help="image guidance scale (default 1.5)"
+        "--image-guidance", type=ranged(float, 0.0, 100.0), help="image guidance scale (default 1.5)"
     )
     p.add_argument(
         "--scheduler", help="sampler: euler_ancestral (default), ddim, dpm++, ... or a diffusers class"
     )
     p.add_argument(
-        "--max-side", type=_range(int, 64, 4096), help="longer side used for diffusion (default 512)"
+        "--max-side", type=ranged(int, 64, 4096), help="longer side used for diffusion (default 512)"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument(
@@ -182,15 +164,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mgie.edit`` / ``mgie-edit``."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mgie.tokens import SYSTEM, normalize_text
+from mgie.cli import Parser, ranged, run_command
+from mgie.tokens import SYSTEM, encode_chunk, normalize_text
 
 PROMPT = "what will this image be like if '{}'  (in a short paragraph)"  # sic: two spaces
 SUMMARY_PROMPT = "summarize the following paragraph in 32 words:\n\n{}"
@@ -69,21 +70,16 @@ def mllm_prompt(instruction: str) -> str:
     return f"{SYSTEM} USER: {PROMPT.format(normalize_text(instruction))}\n{IMAGE_PLACEHOLDER} ASSISTANT:"
 
 
-def _chunk(tokenizer, text: str) -> list[int]:
-    """One text chunk, stripped, with SentencePiece's dummy prefix (the ``mgie.tokens`` convention).
-
-    Unlike ``mgie.tokens.encode_chunk`` inner whitespace is kept: the official prompt has two
-    spaces before ``(in a short paragraph)``, and LLaMA's tokenizer encodes them as ``▁▁``.
-    """
-    text = text.strip()
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
-
-
 def mllm_prompt_ids(tokenizer, instruction: str, image_ids: list[int]) -> list[int]:
     """Token ids of :func:`mllm_prompt`, with ``image_ids`` in place of ``<image>``."""
     before, after = mllm_prompt(instruction).split(IMAGE_PLACEHOLDER)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + _chunk(tokenizer, before) + list(image_ids) + _chunk(tokenizer, after)
+    return (
+        bos
+        + encode_chunk(tokenizer, before, collapse=False)
+        + list(image_ids)
+        + encode_chunk(tokenizer, after, collapse=False)
+    )
 
 
 def trim_answer(text: str, sentences: int = 2) -> str:
@@ -372,31 +368,9 @@ def _check_out(out: Path, args: argparse.Namespace, records) -> None:
 # ----------------------------------------------------------------------------- command
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error message."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
-def _at_least(lo: int):
-    """An argparse type: an integer >= ``lo``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"{value} must be >= {lo}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    p = _Parser(prog="python -m mgie.expressive", description=__doc__.splitlines()[0])
+    p = Parser(prog="python -m mgie.expressive", description=__doc__.splitlines()[0])
     p.add_argument("--data-dataset", required=True, choices=DATASETS, help="input data set format")
     p.add_argument("--data-path", required=True, help="input data set (folder or manifest)")
     p.add_argument("--split", default="train", help="split to read (default: train)")
@@ -404,16 +378,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summarizer", required=True, help="seq2seq folder (the paper: flan-t5-11b summariser)")
     p.add_argument("--out", required=True, help="output JSONL manifest; an existing one is resumed")
     p.add_argument(
-        "--max-new-tokens", type=_at_least(1), default=256, help="MLLM answer length (paper: 1024)"
+        "--max-new-tokens", type=ranged(int, 1), default=256, help="MLLM answer length (paper: 1024)"
     )
-    p.add_argument("--sentences", type=_at_least(1), default=2, help="sentences kept from the answer (2)")
-    p.add_argument("--num-beams", type=_at_least(1), default=5, help="summariser beams (5)")
-    p.add_argument("--min-length", type=_at_least(0), default=5, help="summariser min length in tokens (5)")
-    p.add_argument("--max-length", type=_at_least(1), default=64, help="summariser max length in tokens (64)")
-    p.add_argument("--no-repeat-ngram-size", type=_at_least(0), default=3, help="summariser n-gram block (3)")
-    p.add_argument("--batch-size", type=_at_least(1), default=8, help="examples per batch (8)")
-    p.add_argument("--save-every", type=_at_least(1), default=100, help="rewrite the output every N examples")
-    p.add_argument("--limit", type=_at_least(1), help="only the first N records of the data set")
+    p.add_argument("--sentences", type=ranged(int, 1), default=2, help="sentences kept from the answer (2)")
+    p.add_argument("--num-beams", type=ranged(int, 1), default=5, help="summariser beams (5)")
+    p.add_argument("--min-length", type=ranged(int, 0), default=5, help="summariser min length in tokens (5)")
+    p.add_argument(
+        "--max-length", type=ranged(int, 1), default=64, help="summariser max length in tokens (64)"
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size", type=ranged(int, 0), default=3, help="summariser n-gram block (3)"
+    )
+    p.add_argument("--batch-size", type=ranged(int, 1), default=8, help="examples per batch (8)")
+    p.add_argument(
+        "--save-every", type=ranged(int, 1), default=100, help="rewrite the output every N examples"
+    )
+    p.add_argument("--limit", type=ranged(int, 1), help="only the first N records of the data set")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument(
         "--dtype",
@@ -528,15 +508,7 @@ def _load_source(record):
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m mgie.expressive``."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted (progress saved; run the same command to resume)", file=sys.stderr)
-        return 130
-    except (ValueError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(args), "interrupted (progress saved; run the same command to resume)")
 
 
 if __name__ == "__main__":

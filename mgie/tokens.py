@@ -108,9 +108,13 @@ def normalize_text(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def encode_chunk(tokenizer, text: str) -> list[int]:
-    """Encode one text chunk as the slow LLaMA tokenizer did: stripped, with the dummy prefix."""
-    text = normalize_text(text)
+def encode_chunk(tokenizer, text: str, collapse: bool = True) -> list[int]:
+    """Encode one text chunk as the slow LLaMA tokenizer did: stripped, with the dummy prefix.
+
+    ``collapse`` also turns inner whitespace runs into single spaces (our normalisation of user
+    text); without it they stay, as in the official expressive-data prompt's double space.
+    """
+    text = normalize_text(text) if collapse else text.strip()
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 

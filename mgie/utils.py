@@ -44,8 +44,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_logger(name: str = "mgie", log_file: str | Path | None = None, rank: int = 0) -> logging.Logger:
-    """A logger writing to stderr (and ``log_file``) on rank 0 only; silent elsewhere."""
+def get_logger(
+    name: str = "mgie", log_file: str | Path | None = None, rank: int = 0, stream=None
+) -> logging.Logger:
+    """A logger writing to ``stream`` (default stderr) and ``log_file`` on rank 0 only; silent elsewhere."""
     logger = logging.getLogger(name)
     logger.handlers.clear()
     logger.propagate = False
@@ -53,7 +55,7 @@ def get_logger(name: str = "mgie", log_file: str | Path | None = None, rank: int
         logger.addHandler(logging.NullHandler())
         return logger
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(stream or sys.stderr)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     for h in handlers:

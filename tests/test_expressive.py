@@ -36,48 +36,16 @@ INSTRUCTIONS = [
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """A tiny llava-hf folder, a tiny T5 summariser folder and a 3-example JSONL data set."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from mgie.mllm import build_mllm
+    from mgie.presets import tiny
 
     root = tmp_path_factory.mktemp("expressive")
     tok = build_tiny_tokenizer(512, 4)  # has <im_patch> (the image token), <im_start>, <im_end>, [IMG0..3]
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-    )
-    text = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        vocab_size=len(tok),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tok.convert_tokens_to_ids("<im_patch>"),
-        image_seq_length=16,  # (16 / 4)^2 patches, CLS dropped
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
     torch.manual_seed(0)
     mllm = root / "mllm"
-    LlavaForConditionalGeneration(config).save_pretrained(mllm)
+    build_mllm(tiny().model.mllm).save_pretrained(mllm)  # 16 image tokens, vocabulary of `tok`
     tok.save_pretrained(mllm)
 
     # T5 reusing the LLaMA-layout SentencePiece vocabulary: pad 0 (<unk>), eos 2, decoder start 0

@@ -9,7 +9,6 @@ The model is rebuilt from the run's resolved config and tokenizer and loaded str
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from mgie.cli import Parser, run_command  # noqa: E402
 from mgie.config import load_config  # noqa: E402
 from train.checkpoint import latest_tag  # noqa: E402
 
@@ -48,25 +48,44 @@ def export(run_dir: Path, out: Path, tag: str | None = None, keep_adapter: bool 
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty")
     cfg = load_config(run_dir / "config.yaml")
-    if cfg.model.quantization.bits:
-        raise ValueError(
-            "exporting a k-bit (QLoRA) run needs its full-precision base: export with --keep-adapter"
-        )
-    model = MGIEModel.from_config(cfg, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
     state = training_state(ckpt_dir, tag)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise ValueError(
-            f"checkpoint {tag} does not fit the run's config: {str(e).splitlines()[0]}"
-        ) from None
+    if cfg.model.quantization.bits:
+        model = _kbit_run_model(cfg, state)
+    else:
+        model = MGIEModel.from_config(cfg, AutoTokenizer.from_pretrained(run_dir / "tokenizer"))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(
+                f"checkpoint {tag} does not fit the run's config: {str(e).splitlines()[0]}"
+            ) from None
     model.save_pretrained(out, merge_adapters=not keep_adapter)
     return out
 
 
+def _kbit_run_model(cfg, state: dict):
+    """A QLoRA run: full-precision base weights from ``train.init_from``, trained parts from ``state``."""
+    import dataclasses
+
+    from mgie.model import MGIEModel
+
+    if not cfg.train.init_from:
+        raise ValueError("a k-bit run has no full-precision base to export onto (train.init_from is empty)")
+    full = dataclasses.replace(cfg.model, quantization=dataclasses.replace(cfg.model.quantization, bits=0))
+    model = MGIEModel.from_pretrained(
+        cfg.train.init_from, adapters=True, cfg=dataclasses.replace(cfg, model=full)
+    )
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trained - state.keys())
+    if missing:
+        raise ValueError(f"checkpoint lacks trained weights {missing[:5]}")
+    model.load_state_dict({k: state[k] for k in trained}, strict=False)
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; errors are one line and exit 2."""
-    p = argparse.ArgumentParser(prog="train/export.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="train/export.py", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run directory (train.output_dir)")
     p.add_argument("--out", required=True, help="inference folder to write")
     p.add_argument("--tag", help="checkpoint tag, e.g. step00000020 (default: latest)")
@@ -74,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-adapter", action="store_true", help="keep LoRA as a peft adapter instead of merging"
     )
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         out = export(Path(args.run), Path(args.out), args.tag, args.keep_adapter)
-    except (ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"exported {args.run} -> {out}")
-    return 0
+        print(f"exported {args.run} -> {out}")
+        return 0
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils.data import DataLoader, Sampler  # noqa: E402
 
+from mgie.cli import Parser, error_line  # noqa: E402
 from mgie.config import ConfigError, MGIEConfig, load_config, save_config  # noqa: E402
 from mgie.utils import get_logger, seed_everything  # noqa: E402
 from train import checkpoint  # noqa: E402
@@ -36,7 +37,7 @@ class TrainingStopped(RuntimeError):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command line: the config, dotted overrides and --resume (the launcher's --local_rank is accepted)."""
-    p = argparse.ArgumentParser(prog="train/run.py", description=__doc__.splitlines()[0])
+    p = Parser(prog="train/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML config (see configs/)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-4"
@@ -212,7 +213,7 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    log = get_logger("mgie.train", run_dir / "train.log" if rank == 0 else None, rank)
+    log = get_logger("mgie.train", run_dir / "train.log" if rank == 0 else None, rank, sys.stdout)
     ds_config = deepspeed_config(cfg, world)
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
@@ -344,12 +345,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg.train.output_dir = str(Path("runs") / Path(args.config).stem)
         check_startup(cfg)
     except ValueError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     try:
         train(cfg, args.resume)
     except (ValueError, TrainingStopped) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

@@ -213,14 +213,15 @@ def sample(
     steps: int,
     guidance: float,
     image_guidance: float,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     progress: Callable | None = None,
 ) -> torch.Tensor:
     """Denoise from pure noise to edited latents (B, 4, h, w), conditioned on the source latents.
 
     Mirrors the loop of diffusers' ``StableDiffusionInstructPix2PixPipeline.__call__`` (0.42),
     with the same random draws, so a shared generator gives the same image; tested against it.
-    ``null_cond`` is (1 or B, Q, C); ``progress`` wraps the timestep iterable (e.g. tqdm).
+    ``null_cond`` is (1 or B, Q, C); ``generator`` one or one per sample (as in diffusers);
+    ``progress`` wraps the timestep iterable (e.g. tqdm).
     """
     b = image_latents.shape[0]
     dtype, device = unet.dtype, image_latents.device

@@ -129,28 +129,25 @@ class MGIEPipeline:
         model, device = self.model, self.model.device
         null = model.null_condition()  # (1, Q, C)
         sched = sampling_scheduler(scheduler or inf.scheduler, self.cfg.model.diffusion.noise)
-        generator = torch.Generator(device=device).manual_seed(seed)
         multiple = max(8, vae_scale_factor(model.vae))
-        outputs = []
-        for i, img in enumerate(images):  # one at a time: sizes may differ
-            w, h = fit_size(*img.size, max_side or inf.max_side, multiple)
-            src = to_tensor([img.resize((w, h), Image.Resampling.LANCZOS)]).to(device)  # (1, 3, h, w)
+        sizes = [fit_size(*img.size, max_side or inf.max_side, multiple) for img in images]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(size, []).append(i)
+        outputs: list[Image.Image | None] = [None] * len(images)
+        for (w, h), idx in groups.items():  # one diffusion batch per size
+            src = to_tensor([images[i].resize((w, h), Image.Resampling.LANCZOS) for i in idx]).to(device)
+            # One generator per image, each seeded alike: an image's result does not depend on its batch.
+            gens = [torch.Generator(device=device).manual_seed(seed) for _ in idx]
             latents = sample(
-                model.unet,
-                sched,
-                encode_source(model.vae, src),
-                cond[i : i + 1],
-                null,
-                steps,
+                model.unet, sched, encode_source(model.vae, src), cond[idx], null, steps,
                 inf.guidance if guidance is None else guidance,
-                inf.image_guidance if image_guidance is None else image_guidance,
-                generator,
-                progress=partial(tqdm, desc=f"diffusion {i + 1}/{len(images)}", leave=False)
-                if progress
-                else None,
-            )
-            out = to_pil(decode(model.vae, latents))[0]
-            outputs.append(out if out.size == img.size else out.resize(img.size, Image.Resampling.LANCZOS))
+                inf.image_guidance if image_guidance is None else image_guidance, gens,
+                progress=partial(tqdm, desc=f"diffusion {w}x{h} x{len(idx)}", leave=False) if progress else None,
+            )  # fmt: skip
+            for i, out in zip(idx, to_pil(decode(model.vae, latents))):
+                size = images[i].size
+                outputs[i] = out if out.size == size else out.resize(size, Image.Resampling.LANCZOS)
         return EditResult(images=outputs, expressive=expressive)
 
 

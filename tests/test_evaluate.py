@@ -1,0 +1,66 @@
+import json
+
+from mgie.data import shapes
+from mgie.evaluate import main
+
+from .conftest import make_model
+
+
+def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokenizer, capsys):
+    make_model(tiny_cfg, tokenizer, adapters=False).save_pretrained(tmp_path / "ckpt")
+    assert (
+        shapes.main(
+            ["--out", str(tmp_path / "world"), "--n", "6", "--seed", "1", "--split", "test", "--quiet"]
+        )
+        == 0
+    )
+    args = [
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--data",
+        str(tmp_path / "world"),
+        "--out",
+        str(tmp_path / "report.json"),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--grid",
+        "4",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["n"] == 6
+    assert set(report["metrics"]) >= {"l1", "l2", "psnr", "ssim", "lpips", "clip_i", "clip_t", "dino"}
+    assert report["metrics"]["clip_i"].startswith("unavailable") and report["metrics"]["lpips"].startswith(
+        "unavailable"
+    )
+    assert 0 <= report["metrics"]["ssim"] <= 1 and report["metrics"]["l1"] > 0
+    success = report["edit_success"]
+    assert success["all"]["n"] == 6 and sum(v["n"] for k, v in success.items() if k.startswith("kind/")) == 6
+    assert success["all"]["rate"] == 0.0  # an untrained model edits nothing right
+    assert report["expressive"]["n"] == 6 and 0 <= report["expressive"]["token_f1"] <= 1
+    assert (tmp_path / "report.png").is_file()
+    outputs = tmp_path / "report_outputs"
+    stamps = {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.png")}
+    assert len(stamps) == 6
+    assert main(args) == 0  # resumes: nothing is edited again
+    assert {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == stamps
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path),
+                "--data",
+                str(tmp_path / "none"),
+                "--out",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.startswith("error: manifest not found")

@@ -1,0 +1,165 @@
+import hashlib
+import json
+import random
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mgie.data import shapes
+from mgie.data.shapes import FAMILIES, HELDOUT_COMBOS, KIND_OF, generate, make_edit, render
+from mgie.metrics import edit_success
+
+
+def _digest(img) -> str:
+    return hashlib.sha256(img.tobytes()).hexdigest()
+
+
+def test_generation_is_deterministic_and_targets_render_identically():
+    a, b = generate(60, seed=3), generate(60, seed=3)
+    assert [(x.instruction, x.expressive) for x in a] == [(x.instruction, x.expressive) for x in b]
+    for x, y in zip(a, b):
+        assert _digest(render(x.target)) == _digest(render(y.target)) == _digest(render(x.target))
+    assert [x.instruction for x in generate(60, seed=4)] != [x.instruction for x in a]
+
+
+def test_kinds_are_balanced_and_every_edit_occurs():
+    ex = generate(900, seed=0)
+    kinds = [KIND_OF[e.edit] for e in ex]
+    assert {k: kinds.count(k) for k in set(kinds)} == {"local": 300, "global": 300, "ambiguous": 300}
+    assert {e.edit for e in ex} == set(FAMILIES)
+
+
+def test_splits_hold_out_families_and_combinations():
+    for split in shapes.SPLITS:
+        for e in generate(300, seed=1, split=split):
+            last = e.family == len(FAMILIES[e.edit]) - 1
+            combo = (e.edit, e.target_shape) in HELDOUT_COMBOS
+            assert (last, combo) == {
+                "train": (False, False),
+                "test": (False, False),
+                "heldout_paraphrase": (True, False),
+                "heldout_combo": (False, True),
+            }[split]
+    train = {x.instruction for x in generate(300, seed=1)}
+    held = {x.instruction for x in generate(300, seed=1, split="heldout_paraphrase")}
+    assert not train & held
+
+
+def test_ground_truth_is_consistent():
+    """The target differs from the source where the expressive text says, and only there."""
+    for e in generate(300, seed=2):
+        s, t = np.asarray(render(e.source), dtype=int), np.asarray(render(e.target), dtype=int)
+        changed = np.abs(s - t).max(-1) > 0
+        assert changed.any(), e.instruction
+        if e.edit in ("recolour", "remove", "move", "resize", "add", "odd_one_out", "biggest", "smallest"):
+            assert changed.mean() < 0.35, e.instruction  # a local edit touches one object
+            assert e.target_shape in e.expressive
+            words = e.expressive.split()
+            changed_obj = {o for o in e.source.objects} ^ {o for o in e.target.objects}
+            assert changed_obj and all(o.shape in words for o in changed_obj)
+        if e.edit in ("recolour", "odd_one_out", "smallest"):
+            new = e.expressive.split()[-1]
+            assert (
+                new in shapes.COLORS and np.isclose(t[changed], shapes.COLORS[new]).all(axis=-1).mean() > 0.9
+            )
+        if e.edit in ("brightness", "contrast", "invert", "tint", "sea", "night"):
+            assert changed.mean() > 0.5, e.instruction  # global edits touch most pixels
+        if e.edit == "grayscale":
+            assert (t == t[..., :1]).all()
+        assert e.expressive.split()[0] in (
+            "change",
+            "remove",
+            "move",
+            "make",
+            "add",
+            "increase",
+            "decrease",
+            "turn",
+            "invert",
+            "tint",
+        )
+
+
+def test_global_operations_exact():
+    img = np.array([[[0, 100, 255], [128, 128, 128]]], dtype=np.uint8)
+    assert shapes.apply_op(img, "invert", "").tolist() == [[[255, 155, 0], [127, 127, 127]]]
+    assert shapes.apply_op(img, "brightness", "up").tolist() == [[[0, 135, 255], [173, 173, 173]]]
+    gray = shapes.apply_op(img, "grayscale", "")
+    assert gray[0, 0].tolist() == [88, 88, 88]  # round(0.587 * 100 + 0.114 * 255) = 88
+
+
+def test_cli_writes_manifest_and_images(tmp_path):
+    from mgie.data.formats import read_jsonl
+
+    assert shapes.main(["--out", str(tmp_path / "w"), "--n", "12", "--seed", "5", "--quiet"]) == 0
+    recs = read_jsonl(tmp_path / "w")
+    rows = [json.loads(x) for x in (tmp_path / "w" / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 12 and recs[0].source.load().size == (64, 64)
+    assert {"kind", "edit", "family", "split", "scene", "target_scene"} <= set(rows[0])
+    assert shapes.main(["--out", str(tmp_path / "w"), "--n", "3"]) == 2  # never overwrites
+
+
+# ----------------------------------------------------------------------------- success checker
+
+
+def _example(edit: str, seed: int = 0):
+    rng = random.Random(seed)
+    while (e := make_edit(rng, edit, 0)) is None:
+        pass
+    return e
+
+
+@pytest.mark.parametrize("edit", list(FAMILIES))
+def test_checker_accepts_the_ground_truth_and_rejects_no_edit(edit):
+    e = _example(edit)
+    src, tgt = render(e.source), render(e.target)
+    assert edit_success(src, tgt, tgt)
+    assert not edit_success(src, tgt, src)
+
+
+def _wrong_object(e, **change):
+    """The source with the edit applied to another object than the right one."""
+    others = [o for o in e.source.objects if o not in e.target.objects]
+    wrong = next(o for o in e.source.objects if o not in others)
+    objs = tuple(replace(o, **change) if o == wrong else o for o in e.source.objects)
+    return render(replace(e.source, objects=objs))
+
+
+def test_checker_rejects_wrong_local_and_ambiguous_edits():
+    rng = random.Random(0)
+    for edit in ("recolour", "odd_one_out", "smallest"):
+        for _ in range(20):
+            e = make_edit(rng, edit, 0)
+            if e is None or len(e.source.objects) < 2:
+                continue
+            src, tgt = render(e.source), render(e.target)
+            new = e.expressive.split()[-1]
+            assert not edit_success(src, tgt, _wrong_object(e, color=new)), e.instruction  # wrong object
+            moved = [o for o in e.target.objects if o not in e.source.objects][0]
+            wrong_colour = next(c for c in shapes.COLORS if c not in (new, moved.color))
+            objs = tuple(replace(o, color=wrong_colour) if o == moved else o for o in e.target.objects)
+            assert not edit_success(src, tgt, render(replace(e.target, objects=objs))), e.instruction
+    e = _example("move", 3)
+    src, tgt = render(e.source), render(e.target)
+    o = [x for x in e.target.objects if x not in e.source.objects][0]
+    free = [c for c in range(4) if c not in {x.cell for x in e.target.objects} and c != o.cell]
+    if free:  # moved to another corner than asked
+        objs = tuple(replace(x, cell=free[0]) if x == o else x for x in e.target.objects)
+        assert not edit_success(src, tgt, render(replace(e.target, objects=objs)))
+
+
+def test_checker_rejects_wrong_global_edits():
+    e = _example("brightness", 1)
+    src, tgt = render(e.source), render(e.target)
+    wrong_dir = "down" if e.target.ops[0][1] == "up" else "up"
+    assert not edit_success(src, tgt, render(replace(e.source, ops=(("brightness", wrong_dir),))))
+    half = np.asarray(tgt).copy()
+    half[:, 32:] = np.asarray(src)[:, 32:]  # only half the image edited
+    from PIL import Image
+
+    assert not edit_success(src, tgt, Image.fromarray(half))
+    e = _example("tint", 2)
+    src, tgt = render(e.source), render(e.target)
+    other = next(c for c in shapes.COLORS if c != e.target.ops[0][1])
+    assert not edit_success(src, tgt, render(replace(e.source, ops=(("tint", other),))))

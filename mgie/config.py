@@ -86,6 +86,7 @@ class MLLMConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
     tokenizer: str = ""  # LLaMA tokenizer folder for a model built from scratch; "" = built-in tiny one
+    trainable: Literal["adapters", "full"] = "adapters"  # adapters: LoRA + [IMG] rows; full: every weight
 
 
 @dataclass
@@ -224,6 +225,7 @@ class DataConfig:
     dataset: Literal["ipr2pr", "magicbrush", "gier", "evr", "ma5k", "jsonl", "shapes"] = "jsonl"
     path: str = ""
     split: str = "train"
+    crop_side: int = 512  # centre square resized to this before CLIP and diffusion (0 = keep its size)
     resolution: int = 256  # diffusion crop (paper: 256x256)
     max_instruction_tokens: int = 64
     max_expressive_tokens: int = 64
@@ -236,6 +238,7 @@ class TrainConfig:
 
     output_dir: str = ""  # "" = runs/<config file name without .yaml>
     init_from: str = ""  # an MGIE checkpoint folder to start from ("" = random init from the config)
+    init_vae: str = ""  # a diffusers AutoencoderKL folder for a model built from scratch (e.g. train/vae.py)
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 4  # per process
@@ -244,6 +247,7 @@ class TrainConfig:
     lr: float = 5e-4
     lr_lora: float = 0.0  # 0 = use lr
     lr_img_tokens: float = 0.0
+    lr_mllm: float = 0.0  # the whole MLLM, when model.mllm.trainable=full
     lr_edit_head: float = 0.0
     lr_unet: float = 0.0
     weight_decay: float = 0.0

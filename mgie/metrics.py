@@ -150,7 +150,10 @@ def clip_scores(
     from transformers import CLIPModel, CLIPProcessor
 
     model, proc = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
-    emb = lambda imgs: F.normalize(model.get_image_features(**proc(images=imgs, return_tensors="pt")), dim=-1)  # noqa: E731
+
+    def emb(imgs):
+        return F.normalize(model.get_image_features(**proc(images=imgs, return_tensors="pt")), dim=-1)
+
     eo, et = emb(outputs), emb(targets)
     out = {"clip_i": float((eo * et).sum(-1).mean() * 100)}
     if captions:
@@ -166,7 +169,8 @@ def dino_score(path: str, outputs: list[Image.Image], targets: list[Image.Image]
     from transformers import AutoImageProcessor, AutoModel
 
     model, proc = AutoModel.from_pretrained(path).eval(), AutoImageProcessor.from_pretrained(path)
-    cls = lambda imgs: F.normalize(
-        model(**proc(images=imgs, return_tensors="pt")).last_hidden_state[:, 0], dim=-1
-    )  # noqa: E731
+
+    def cls(imgs):
+        return F.normalize(model(**proc(images=imgs, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
+
     return float((cls(outputs) * cls(targets)).sum(-1).mean() * 100)

@@ -148,6 +148,17 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.requires_grad_(False)
 
 
+def make_trainable(model: LlavaForConditionalGeneration, cfg: MLLMConfig, lora: LoRAConfig, ids: TokenIds):
+    """What trains in the MLLM: adapters (LoRA + [IMG] rows, the paper-scale default) or, for a
+    model trained from scratch, every weight (a linear projector's identity tail stays frozen)."""
+    if cfg.trainable == "adapters":
+        return apply_adapters(model, lora, ids)
+    model.requires_grad_(True)
+    if cfg.projector == "linear":
+        model.model.multi_modal_projector.linear_2.requires_grad_(False)
+    return model
+
+
 def apply_adapters(model: LlavaForConditionalGeneration, lora: LoRAConfig, ids: TokenIds):
     """Freeze the LLaVA, then make trainable: LoRA on the language model (if enabled) and the
     ``[IMG]`` rows of the input embeddings and the LM head (peft trainable tokens)."""

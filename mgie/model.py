@@ -33,12 +33,12 @@ from mgie.diffusion import (
 )
 from mgie.edit_head import EditHead
 from mgie.mllm import (
-    apply_adapters,
     base_state_dict,
     build_mllm,
     default_token_ids,
     freeze,
     load_mllm,
+    make_trainable,
     merged_state_dict,
 )
 from mgie.tokens import TokenIds, img_hidden_states, token_ids
@@ -97,7 +97,7 @@ class MGIEModel(nn.Module):
         ids = _check_ids(cfg, tokenizer)
         mllm = build_mllm(m.mllm)
         if adapters:
-            mllm = apply_adapters(mllm, m.lora, ids)
+            mllm = make_trainable(mllm, m.mllm, m.lora, ids)
         return cls._assemble(
             cfg, mllm, ids, tokenizer, build_unet(m.diffusion.unet), build_vae(m.diffusion.vae)
         )
@@ -182,11 +182,15 @@ class MGIEModel(nn.Module):
         return MGIEOutput(loss=w.lm_weight * lm + w.edit_weight * edit, lm_loss=lm, edit_loss=edit)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by group: ``lora``, ``img_tokens``, ``edit_head``, ``unet``."""
-        groups: dict[str, list[nn.Parameter]] = {"lora": [], "img_tokens": [], "edit_head": [], "unet": []}
+        """Trainable parameters by group: ``lora``, ``img_tokens``, ``mllm`` (full training),
+        ``edit_head``, ``unet``."""
+        groups: dict[str, list[nn.Parameter]] = {
+            k: [] for k in ("lora", "img_tokens", "mllm", "edit_head", "unet")
+        }
         for name, p in self.mllm.named_parameters():
             if p.requires_grad:
-                groups["img_tokens" if "trainable_tokens" in name else "lora"].append(p)
+                key = "img_tokens" if "trainable_tokens" in name else "lora" if "lora_" in name else "mllm"
+                groups[key].append(p)
         groups["edit_head"] = [p for p in self.edit_head.parameters() if p.requires_grad]
         groups["unet"] = [p for p in self.unet.parameters() if p.requires_grad]
         return groups
@@ -226,7 +230,8 @@ class MGIEModel(nn.Module):
     ) -> MGIEModel:
         """Load a folder written by :meth:`save_pretrained`; every weight must be present and fit.
 
-        ``adapters=True`` re-attaches fresh LoRA/[IMG] adapters (for further training); ``cfg``
+        ``adapters=True`` makes it trainable as ``model.mllm.trainable`` says (fresh LoRA/[IMG]
+        adapters, or every weight) for further training; ``cfg``
         replaces the folder's config (e.g. a fine-tuning run's), and must fit its weights.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -247,9 +252,9 @@ class MGIEModel(nn.Module):
 
             mllm = PeftModel.from_pretrained(mllm, path / "adapter", is_trainable=adapters)
         elif adapters:
-            mllm = apply_adapters(mllm, cfg.model.lora, ids)
-        unet = _load_diffusers(UNet2DConditionModel, path / "unet", dtype)
-        vae = _load_diffusers(AutoencoderKL, path / "vae", dtype)
+            mllm = make_trainable(mllm, cfg.model.mllm, cfg.model.lora, ids)
+        unet = load_diffusers(UNet2DConditionModel, path / "unet", dtype)
+        vae = load_diffusers(AutoencoderKL, path / "vae", dtype)
         model = cls._assemble(cfg, mllm, ids, tokenizer, unet, vae)
         state = load_file(path / "edit_head.safetensors")
         try:
@@ -281,7 +286,7 @@ def _check_ids(cfg: MGIEConfig, tokenizer) -> TokenIds:
     return ids
 
 
-def _load_diffusers(cls, path: Path, dtype: torch.dtype):
+def load_diffusers(cls, path: Path, dtype: torch.dtype):
     """Load a diffusers model folder strictly (missing or unexpected weights raise)."""
     try:
         model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)

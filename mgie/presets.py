@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from mgie.config import (
     ConfigError,
+    DataConfig,
     DiffusionConfig,
     EditHeadConfig,
     InferenceConfig,
@@ -84,7 +85,52 @@ def tiny() -> MGIEConfig:
     return MGIEConfig(model=model, inference=InferenceConfig(steps=20, max_new_tokens=16, max_side=256))
 
 
-PRESETS: dict[str, Callable[[], MGIEConfig]] = {"mgie-7b": mgie_7b, "tiny": tiny}
+def mgie_shapes() -> MGIEConfig:
+    """The small MGIE of the shapes world, trained from scratch (every MLLM weight trains).
+
+    64 px images: a 4-layer CLIP-style ViT (patch 8: 64 image tokens), a 4-layer Llama (hidden
+    256) over a 512-piece SentencePiece vocabulary trained on the world's text, 8 [IMG] tokens,
+    a 2+2-layer edit head, and a 3-level UNet on the 32 x 32 x 4 latents of a factor-2 VAE.
+    """
+    mllm = MLLMConfig(
+        vision=VisionConfig(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+            image_size=64, patch_size=8,
+        ),
+        text=TextConfig(
+            hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, vocab_size=512,
+        ),
+        projector="mlp2x_gelu",
+        trainable="full",
+    )  # fmt: skip
+    diffusion = DiffusionConfig(
+        unet=UNetConfig(
+            sample_size=32, block_out_channels=[64, 128, 128], layers_per_block=1, attention_head_dim=8,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=128,
+        ),
+        vae=VAEConfig(block_out_channels=[32, 64], layers_per_block=1, sample_size=64, scaling_factor=1.0),
+    )  # fmt: skip
+    model = ModelConfig(
+        mllm=mllm,
+        lora=LoRAConfig(enabled=False),
+        edit_head=EditHeadConfig(
+            hidden_size=128,
+            num_heads=4,
+            num_encoder_layers=2,
+            num_decoder_layers=2,
+            ff_size=512,
+            num_queries=16,
+        ),
+        diffusion=diffusion,
+    )
+    inference = InferenceConfig(steps=20, max_new_tokens=32, max_side=64)
+    data = DataConfig(dataset="shapes", crop_side=0, resolution=64, max_expressive_tokens=32)
+    return MGIEConfig(model=model, inference=inference, data=data)
+
+
+PRESETS: dict[str, Callable[[], MGIEConfig]] = {"mgie-7b": mgie_7b, "tiny": tiny, "mgie-shapes": mgie_shapes}
 
 
 def get_preset(name: str) -> MGIEConfig:

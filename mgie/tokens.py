@@ -201,18 +201,16 @@ the image will show a dark night scene with a black sky, stars and a bright moon
 """
 
 
-def build_tiny_tokenizer(vocab_size: int, num_img_tokens: int):
-    """A deterministic SentencePiece BPE tokenizer (LLaMA layout: unk 0, bos 1, eos 2) for tests.
-
-    Trained in memory on a small built-in corpus, then loaded through ``LlamaTokenizer``, the
-    same class and code path as the real LLaMA tokenizer. MGIE tokens are added.
-    """
+def train_tokenizer(lines: list[str], vocab_size: int, num_img_tokens: int):
+    """A deterministic SentencePiece BPE tokenizer in LLaMA's layout (unk 0, bos 1, eos 2, byte
+    fallback, dummy prefix), trained in memory on ``lines`` and loaded through ``LlamaTokenizer``,
+    the same class and code path as the real LLaMA tokenizer. MGIE tokens are added."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TINY_CORPUS.splitlines() * 4),
+        sentence_iterator=iter(lines),
         model_writer=buf,
         vocab_size=vocab_size,
         model_type="bpe",
@@ -230,8 +228,12 @@ def build_tiny_tokenizer(vocab_size: int, num_img_tokens: int):
         minloglevel=2,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.model"
-        path.write_bytes(buf.getvalue())
+        (Path(tmp) / "tokenizer.model").write_bytes(buf.getvalue())
         tokenizer = LlamaTokenizer.from_pretrained(tmp)  # converts the .model like a real checkpoint
     add_mgie_tokens(tokenizer, num_img_tokens)
     return tokenizer
+
+
+def build_tiny_tokenizer(vocab_size: int, num_img_tokens: int):
+    """The tiny preset's tokenizer: :func:`train_tokenizer` on a small built-in corpus."""
+    return train_tokenizer(_TINY_CORPUS.splitlines() * 4, vocab_size, num_img_tokens)

@@ -54,7 +54,7 @@ def test_gradients_reach_exactly_the_trainable_parameters(model):
     assert {id(p) for g in groups.values() for p in g} == {
         id(p) for n, p in model.named_parameters() if n in trainable
     }
-    assert all(len(g) > 0 for g in groups.values())
+    assert all(len(g) > 0 for k, g in groups.items() if k != "mllm") and groups["mllm"] == []
     assert not any(n.startswith("vae.") for n in trainable)
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
     assert not any(n.endswith("embed_tokens.token_adapter.base_layer.weight") for n in trainable)
@@ -204,7 +204,9 @@ def test_variants_lora_off_mlp_projector_and_checkpointing(tiny_cfg, tokenizer):
     cfg = from_dict(d)
     model = make_model(cfg, tokenizer)
     groups = model.trainable_groups()
-    assert groups["lora"] == [] and len(groups["img_tokens"]) == 2  # embedding rows + LM-head rows
+    assert (
+        groups["lora"] == groups["mllm"] == [] and len(groups["img_tokens"]) == 2
+    )  # embedding + LM-head rows
     assert model.mllm.config.projector_hidden_act == "gelu"
     batch = make_batch(model)
     loss = model(**batch, generator=torch.Generator().manual_seed(0)).loss
@@ -244,3 +246,22 @@ def test_save_with_adapter_kept_is_exact(tmp_path, tiny_cfg, tokenizer):
     assert torch.equal(l1, l2) and torch.equal(h1, h2)  # unmerged: bit-identical
     again = MGIEModel.from_pretrained(tmp_path / "c", adapters=True)
     assert len(again.trainable_groups()["lora"]) > 0  # the adapter comes back trainable
+
+
+def test_full_mllm_training_mode(tiny_cfg, tokenizer):
+    from mgie.config import from_dict, to_dict
+
+    d = to_dict(tiny_cfg)
+    d["model"]["mllm"]["trainable"] = "full"
+    model = make_model(from_dict(d), tokenizer)
+    groups = model.trainable_groups()
+    assert groups["lora"] == groups["img_tokens"] == []
+    frozen = {n for n, p in model.mllm.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        "model.multi_modal_projector.linear_2.weight",
+        "model.multi_modal_projector.linear_2.bias",
+    }
+    out = model(**make_batch(model), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    vision = model.mllm.model.vision_tower.encoder.layers[0].mlp.fc1.weight
+    assert vision.grad is not None and vision.grad.abs().sum() > 0  # the vision tower learns too

@@ -56,8 +56,10 @@ def check_startup(cfg: MGIEConfig) -> None:
     """Fail fast, before any process group or model exists, on paths that do not exist."""
     if not cfg.data.path or not Path(cfg.data.path).exists():
         raise ConfigError(f"data.path does not exist: {cfg.data.path!r} (data.dataset={cfg.data.dataset})")
-    if cfg.train.init_from and not Path(cfg.train.init_from).is_dir():
-        raise ConfigError(f"train.init_from is not a folder: {cfg.train.init_from!r}")
+    for key in ("init_from", "init_vae"):
+        value = getattr(cfg.train, key)
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"train.{key} is not a folder: {value!r}")
     tok = cfg.model.mllm.tokenizer
     if not cfg.train.init_from and tok and not Path(tok).is_dir():
         raise ConfigError(f"model.mllm.tokenizer is not a folder: {tok!r}")
@@ -168,6 +170,14 @@ def build_model(cfg: MGIEConfig):
                 "model.mllm.tokenizer must name a LLaMA tokenizer folder for this vocabulary size"
             )
         model = MGIEModel.from_config(cfg, tokenizer)
+        if cfg.train.init_vae:
+            from diffusers import AutoencoderKL
+
+            from mgie.model import load_diffusers
+
+            model.vae.load_state_dict(
+                load_diffusers(AutoencoderKL, Path(cfg.train.init_vae), torch.float32).state_dict()
+            )
     if not cfg.train.train_unet:
         model.unet.requires_grad_(False)
     return model

@@ -17,15 +17,18 @@ from mgie.expressive import default_expressive
 from mgie.images import to_tensor
 from mgie.tokens import IGNORE_INDEX, TokenIds, build_prompt, build_target, encode_chunk, pad_sequences
 
-CROP_SIDE = 512
-
 
 def center_square(img: Image.Image, side: int) -> Image.Image:
-    """Centre-crop to a square and resize to ``side`` x ``side`` (bicubic)."""
+    """Centre-crop to a square and resize to ``side`` x ``side`` (bicubic; 0 or equal: no resize)."""
     w, h = img.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((side, side), Image.Resampling.BICUBIC)
+    img = img.crop((left, top, left + s, top + s)) if w != h else img
+    return img if side in (0, s) else img.resize((side, side), Image.Resampling.BICUBIC)
+
+
+def _resize(img: Image.Image, side: int) -> Image.Image:
+    return img if img.size == (side, side) else img.resize((side, side), Image.Resampling.BICUBIC)
 
 
 class EditDataset(Dataset):
@@ -59,16 +62,16 @@ class EditDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        src = center_square(rec.source.load(), CROP_SIDE)
-        tgt = center_square(rec.target.load(), CROP_SIDE)
+        side = self.cfg.data.crop_side
+        src, tgt = center_square(rec.source.load(), side), center_square(rec.target.load(), side)
         res = self.cfg.data.resolution
         input_ids, labels = self.tokens(rec.instruction, rec.expressive)
         return {
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": self.clip(images=[src], return_tensors="pt")["pixel_values"][0],  # (3, S, S)
-            "source": to_tensor([src.resize((res, res), Image.Resampling.BICUBIC)])[0],  # (3, R, R)
-            "target": to_tensor([tgt.resize((res, res), Image.Resampling.BICUBIC)])[0],  # (3, R, R)
+            "source": to_tensor([_resize(src, res)])[0],  # (3, R, R)
+            "target": to_tensor([_resize(tgt, res)])[0],  # (3, R, R)
         }
 
 

@@ -1,7 +1,8 @@
 """A world we can check exactly: procedurally rendered edits of simple shapes.
 
 ``python -m mgie.data.shapes --out DIR --n N --seed S [--split SPLIT]`` writes ``DIR/manifest.jsonl``
-(our JSONL manifest, ``data.dataset: shapes``) and the PNGs, deterministically for (seed, split).
+(our JSONL manifest, ``data.dataset: shapes``) and the PNGs, deterministically for (seed, split);
+the ``train`` split also writes ``DIR/tokenizer/``, a SentencePiece tokenizer of the world's text.
 
 Scenes are 64 x 64 px: up to four objects (square, circle, triangle, diamond; six colours;
 three sizes) in the cells of a 2 x 2 grid, on a plain, striped or checked background, drawn
@@ -427,6 +428,15 @@ def write(examples: list[Example], out: Path, split: str, progress: bool = True)
     return manifest
 
 
+def world_tokenizer(examples: list[Example], vocab_size: int = 512, num_img_tokens: int = 8):
+    """A SentencePiece tokenizer trained on the prompt and the examples' texts (train split)."""
+    from mgie.tokens import SYSTEM, train_tokenizer
+
+    lines = [SYSTEM, "USER: what will this image be like if ASSISTANT:"]
+    lines += [e.instruction for e in examples] + [e.expressive for e in examples]
+    return train_tokenizer(lines, vocab_size, num_img_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mgie.data.shapes --out DIR --n N --seed S [--split SPLIT]``."""
     from mgie.cli import Parser, ranged, run_command
@@ -443,8 +453,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if (out / "manifest.jsonl").exists():
             raise ValueError(f"{out / 'manifest.jsonl'} exists; choose another --out")
-        manifest = write(generate(args.n, args.seed, args.split), out, args.split, not args.quiet)
+        examples = generate(args.n, args.seed, args.split)
+        manifest = write(examples, out, args.split, not args.quiet)
         print(f"wrote {args.n} examples to {manifest}")
+        if args.split == "train":
+            world_tokenizer(examples).save_pretrained(out / "tokenizer")
+            print(f"wrote the world's tokenizer to {out / 'tokenizer'}")
         return 0
 
     return run_command(run)

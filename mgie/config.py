@@ -153,6 +153,7 @@ class VAEConfig:
     norm_num_groups: int = 32
     sample_size: int = 512
     scaling_factor: float = 0.18215
+    mid_block_attention: bool = True
 
 
 @dataclass

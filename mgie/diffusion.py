@@ -46,6 +46,7 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKL:
         norm_num_groups=cfg.norm_num_groups,
         sample_size=cfg.sample_size,
         scaling_factor=cfg.scaling_factor,
+        mid_block_add_attention=cfg.mid_block_attention,
     )
 
 

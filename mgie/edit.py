@@ -99,11 +99,18 @@ def save_image(img, alpha, path: Path) -> None:
         raise
 
 
-def load_default_model():
-    """The built-in model used when no ``--checkpoint`` is given (for now: the untrained tiny preset)."""
+EMBEDDED = Path(__file__).resolve().parent / "assets" / "mgie-shapes"
+
+
+def load_default_model(dtype):
+    """The model used when no ``--checkpoint`` is given: the embedded ``mgie-shapes`` when it is
+    installed, else the tiny preset with untrained weights (it says so)."""
     import torch
 
     from mgie.model import MGIEModel
+
+    if (EMBEDDED / "config.yaml").is_file():
+        return MGIEModel.from_pretrained(EMBEDDED, dtype=dtype)
     from mgie.presets import tiny
     from mgie.tokens import build_tiny_tokenizer
 
@@ -111,8 +118,8 @@ def load_default_model():
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer(cfg.model.mllm.text.vocab_size, cfg.model.mllm.num_img_tokens)
     print(
-        "note: no --checkpoint given: using the tiny preset, whose weights are untrained (random), "
-        "so the edit is noise",
+        "note: no --checkpoint given and no embedded model installed: using the tiny preset, whose weights "
+        "are untrained (random), so the edit is noise",
         file=sys.stderr,
     )
     return MGIEModel.from_config(cfg, tokenizer, adapters=False)
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = (
-        MGIEModel.from_pretrained(args.checkpoint, dtype=dtype) if args.checkpoint else load_default_model()
+        MGIEModel.from_pretrained(args.checkpoint, dtype=dtype) if args.checkpoint else load_default_model(dtype)
     )
     pipe = MGIEPipeline(model.to(device=device, dtype=dtype))
     pipe.check_instruction(args.instruction)

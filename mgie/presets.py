@@ -110,7 +110,10 @@ def mgie_shapes() -> MGIEConfig:
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=128,
         ),
-        vae=VAEConfig(block_out_channels=[32, 64], layers_per_block=1, sample_size=64, scaling_factor=1.0),
+        vae=VAEConfig(
+            block_out_channels=[32, 64], layers_per_block=1, sample_size=64, scaling_factor=1.0,
+            mid_block_attention=False,
+        ),
     )  # fmt: skip
     model = ModelConfig(
         mllm=mllm,

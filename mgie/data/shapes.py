@@ -214,6 +214,16 @@ def _fill(template: str, **kw) -> str:
     return template.format(**kw)
 
 
+def _recoloured(src: Scene, o: Obj, new: str, instruction: str, edit: str, family: int) -> Example:
+    return Example(src, _swap(src, o, replace(o, color=new)), instruction,
+                   f"change the colour of the {o.size} {o.name} to {new}", edit, family, o.shape)  # fmt: skip
+
+
+def _removed(src: Scene, o: Obj, instruction: str, edit: str, family: int) -> Example:
+    return Example(src, _swap(src, o, None), instruction, f"remove the {o.size} {o.name} and show the background",
+                   edit, family, o.shape)  # fmt: skip
+
+
 def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
     """One example of ``edit`` with instruction family ``family``; None if this scene cannot host it."""
     tmpl = FAMILIES[edit][family]
@@ -227,25 +237,9 @@ def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
         o = rng.choice(cands)
         if edit == "recolour":
             new = rng.choice([c for c in COLORS if c != o.color])
-            return Example(
-                src,
-                _swap(src, o, replace(o, color=new)),
-                _fill(tmpl, name=o.name, new=new),
-                f"change the colour of the {o.size} {o.name} to {new}",
-                edit,
-                family,
-                o.shape,
-            )
+            return _recoloured(src, o, new, _fill(tmpl, name=o.name, new=new), edit, family)
         if edit == "remove":
-            return Example(
-                src,
-                _swap(src, o, None),
-                _fill(tmpl, name=o.name),
-                f"remove the {o.size} {o.name} and show the background",
-                edit,
-                family,
-                o.shape,
-            )
+            return _removed(src, o, _fill(tmpl, name=o.name), edit, family)
         if edit == "move":
             free = [c for c in range(4) if c not in {x.cell for x in src.objects}]
             if not free:
@@ -321,15 +315,7 @@ def _ambiguous(rng: random.Random, edit: str, tmpl: str, family: int) -> Example
         src = Scene(rng.choice(["white", "gray", "beige"]), "plain", tuple(objs))
         o = objs[k]
         new = rng.choice([c for c in COLORS if c not in colors])
-        return Example(
-            src,
-            _swap(src, o, replace(o, color=new)),
-            _fill(tmpl, new=new),
-            f"change the colour of the {o.size} {o.name} to {new}",
-            edit,
-            family,
-            o.shape,
-        )
+        return _recoloured(src, o, new, _fill(tmpl, new=new), edit, family)
     if edit in ("biggest", "smallest"):
         src = _random_scene(rng, 2, 4)
         sizes = sorted(SIDES[o.size] for o in src.objects)
@@ -338,25 +324,9 @@ def _ambiguous(rng: random.Random, edit: str, tmpl: str, family: int) -> Example
         if sizes.count(SIDES[o.size]) != 1:
             return None
         if edit == "biggest":
-            return Example(
-                src,
-                _swap(src, o, None),
-                tmpl,
-                f"remove the {o.size} {o.name} and show the background",
-                edit,
-                family,
-                o.shape,
-            )
+            return _removed(src, o, tmpl, edit, family)
         new = rng.choice([c for c in COLORS if c != o.color])
-        return Example(
-            src,
-            _swap(src, o, replace(o, color=new)),
-            _fill(tmpl, new=new),
-            f"change the colour of the {o.size} {o.name} to {new}",
-            edit,
-            family,
-            o.shape,
-        )
+        return _recoloured(src, o, new, _fill(tmpl, new=new), edit, family)
     src = _random_scene(rng)
     if edit == "sea":
         tgt = replace(src, background="light blue", ops=(("tint", "blue"),))

@@ -87,6 +87,7 @@ class MLLMConfig:
     gradient_checkpointing: bool = False
     tokenizer: str = ""  # LLaMA tokenizer folder for a model built from scratch; "" = built-in tiny one
     trainable: Literal["adapters", "full"] = "adapters"  # adapters: LoRA + [IMG] rows; full: every weight
+    use_image: bool = True  # false: the LLM never sees the image (the paper's LGIE baseline)
 
 
 @dataclass

@@ -630,7 +630,7 @@ def official_plan(shapes: Mapping[str, Shapes], cfg, img_embeddings: str = "auto
         s = llava.pop(k)
         if s is not None and _rows(s, f"llava:{k}") != base + 3:
             raise ConversionError(f"llava:{k} has {s[0]} rows; expected {base + 3} (base vocabulary + 3)")
-    notes = []
+    notes = ["LLaVA's embed_tokens/lm_head are superseded by mllm.pt's trained copies (as in demo.ipynb)"]
     embed = mllm.pop("model.embed_tokens.weight")
     head = mllm.pop("lm_head.weight")
     emb = mllm.pop_optional("emb")
@@ -1219,14 +1219,11 @@ def convert_llava_hf(args, log, warn) -> Path:
 
 
 def _provenance(args, route: str, plan: Plan, sums: list, extra: dict) -> dict:
-    inputs = {
-        k: str(v)
-        for k, v in vars(args).items()
-        if k in ("mgie", "llava", "clip", "vae", "unet", "unet_config")
-    }
+    names = ("mgie", "llava", "clip", "vae", "unet", "unet_config")
+    inputs = {k: str(v) for k, v in vars(args).items() if k in names and v is not None}
     return {
         "route": route,
-        "inputs": {k: v for k, v in inputs.items() if v != "None"},
+        "inputs": inputs,
         "overrides": list(args.set),
         "sha256_checked": sums,
         "ignored_source_keys": {g: len(v) for g, v in plan.ignored.items()},

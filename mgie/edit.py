@@ -143,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     model = (
-        MGIEModel.from_pretrained(args.checkpoint, dtype=dtype) if args.checkpoint else load_default_model(dtype)
+        MGIEModel.from_pretrained(args.checkpoint, dtype=dtype)
+        if args.checkpoint
+        else load_default_model(dtype)
     )
     pipe = MGIEPipeline(model.to(device=device, dtype=dtype))
     pipe.check_instruction(args.instruction)

@@ -23,6 +23,11 @@ def num_patches(cfg: MLLMConfig) -> int:
     return (cfg.vision.image_size // cfg.vision.patch_size) ** 2
 
 
+def prompt_image_tokens(cfg: MLLMConfig) -> int:
+    """Image tokens in the prompt: ``num_patches``, or 0 when the LLM does not see the image (LGIE)."""
+    return num_patches(cfg) if cfg.use_image else 0
+
+
 def default_token_ids(cfg: MLLMConfig) -> TokenIds:
     """Ids of the MGIE tokens appended to a LLaMA-layout vocabulary (unk 0, bos 1, eos 2)."""
     base = cfg.text.vocab_size

@@ -125,7 +125,7 @@ class MGIEModel(nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids(attention_mask),
-            pixel_values=pixel_values.to(self.mllm.dtype),
+            pixel_values=pixel_values.to(self.mllm.dtype) if self.cfg.model.mllm.use_image else None,
             output_hidden_states=True,
             use_cache=False,
         )

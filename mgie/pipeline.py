@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mgie.diffusion import decode, encode_source, sample, sampling_scheduler, vae_scale_factor
 from mgie.images import fit_size, to_pil, to_tensor
-from mgie.mllm import num_patches
+from mgie.mllm import prompt_image_tokens
 from mgie.model import MGIEModel
 from mgie.tokens import build_prompt, encode_chunk, normalize_text, pad_sequences
 
@@ -70,7 +70,7 @@ class MGIEPipeline:
     def _context_left(self) -> int:
         """Tokens left for the instruction in the LLM context after the fixed prompt and outputs."""
         m = self.cfg.model.mllm
-        fixed = len(build_prompt(self.tokenizer, self.model.ids, "", num_patches(m)))
+        fixed = len(build_prompt(self.tokenizer, self.model.ids, "", prompt_image_tokens(m)))
         return m.text.max_position_embeddings - fixed - self.cfg.inference.max_new_tokens - m.num_img_tokens
 
     @torch.no_grad()
@@ -80,12 +80,15 @@ class MGIEPipeline:
         device = model.device
         texts = [self.check_instruction(t) for t in instructions]
         pixels = self.clip(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, S, S)
-        prompts = [build_prompt(self.tokenizer, ids, t, num_patches(self.cfg.model.mllm)) for t in texts]
+        prompts = [
+            build_prompt(self.tokenizer, ids, t, prompt_image_tokens(self.cfg.model.mllm)) for t in texts
+        ]
         input_ids, mask = pad_sequences(prompts, ids.pad, side="left")
+        image = {"pixel_values": pixels.to(model.mllm.dtype)} if self.cfg.model.mllm.use_image else {}
         out = model.mllm.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
-            pixel_values=pixels.to(model.mllm.dtype),
+            **image,
             max_new_tokens=inf.max_new_tokens,
             do_sample=False,
             num_beams=1,

@@ -122,17 +122,12 @@ def build_prompt(tokenizer, ids: TokenIds, instruction: str, num_patches: int) -
     """Token ids of the MGIE user turn, up to and including ``ASSISTANT:``.
 
     String form (Vicuna v1.1): ``<s>{SYSTEM} USER: what will this image be like if '{ins}'
-    <im_start><im_patch>*P<im_end> ASSISTANT:``.
+    <im_start><im_patch>*P<im_end> ASSISTANT:``; with ``num_patches=0`` (a text-only LLM, the
+    LGIE baseline) the image part is left out.
     """
     user = f"{SYSTEM} USER: what will this image be like if '{normalize_text(instruction)}'"
-    return (
-        [ids.bos]
-        + encode_chunk(tokenizer, user)
-        + [ids.im_start]
-        + [ids.im_patch] * num_patches
-        + [ids.im_end]
-        + encode_chunk(tokenizer, "ASSISTANT:")
-    )
+    image = [ids.im_start] + [ids.im_patch] * num_patches + [ids.im_end] if num_patches else []
+    return [ids.bos] + encode_chunk(tokenizer, user) + image + encode_chunk(tokenizer, "ASSISTANT:")
 
 
 def build_target(tokenizer, ids: TokenIds, expressive: str) -> list[int]:

@@ -34,6 +34,8 @@ from mgie.tokens import SYSTEM, build_prompt, build_target
 
 from .conftest import fixture_path, make_batch
 
+pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor:UserWarning")
+
 HIDDEN, N_IMG, CLIP_HIDDEN, CROSS = 64, 8, 32, 32
 HEAD = dict(
     hidden_size=32, num_heads=2, num_encoder_layers=2, num_decoder_layers=1, ff_size=64, num_queries=16
@@ -469,9 +471,15 @@ def test_sha256_is_checked(official, tmp_path, capsys):
     mllm = paths["mgie"] / "mllm.pt"
     assert convert_official(paths, tmp_path / "out", "--sha256", f"{mllm}={'0' * 64}") == 2
     assert "sha256 mismatch" in _one_error_line(capsys)
-    assert convert_official(paths, tmp_path / "ok", "--sha256", f"{mllm}={sha256_file(mllm)}") == 0
+    ok = ["--sha256", f"{mllm}={sha256_file(mllm)}", "--dtype", "bfloat16", "--verify"]
+    assert convert_official(paths, tmp_path / "ok", *ok) == 0
     notes = json.loads((tmp_path / "ok" / "conversion.json").read_text())
     assert notes["sha256_checked"] == [{"path": str(mllm), "sha256": sha256_file(mllm)}]
+    from safetensors.torch import load_file
+
+    assert {v.dtype for v in load_file(tmp_path / "ok" / "edit_head.safetensors").values()} == {
+        torch.bfloat16
+    }
 
 
 def test_missing_folder_wrong_file_and_existing_output(official, tmp_path, capsys):

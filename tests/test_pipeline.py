@@ -104,3 +104,25 @@ def test_batch_of_same_size_images_equals_one_by_one(tiny_cfg, tokenizer):
         alone = pipe(images[i : i + 1], instructions[i : i + 1], steps=3, seed=4, progress=False).images[0]
         diff = np.abs(np.asarray(alone, dtype=int) - np.asarray(both[i], dtype=int)).max()
         assert diff <= 1  # float reassociation in a batch may flip a rounding
+
+
+def test_lgie_baseline_never_sees_the_image(tiny_cfg, tokenizer):
+    """model.mllm.use_image=false (LGIE): no image tokens; the text and condition ignore the image."""
+    from mgie.config import from_dict, to_dict
+
+    d = to_dict(tiny_cfg)
+    d["model"]["mllm"]["use_image"] = False
+    pipe = MGIEPipeline(make_model(from_dict(d), tokenizer, seed=3, adapters=False))
+    ins = ["make it look like night"]
+    t1, c1 = pipe.describe([random_image(24, 24, seed=1)], ins)
+    t2, c2 = pipe.describe([random_image(24, 24, seed=2)], ins)
+    assert t1 == t2 and torch.equal(c1, c2)
+    from mgie.tokens import build_prompt
+
+    prompt = build_prompt(tokenizer, pipe.model.ids, ins[0], 0)
+    assert pipe.model.ids.im_patch not in prompt and pipe.model.ids.im_start not in prompt
+    mgie = MGIEPipeline(make_model(tiny_cfg, tokenizer, seed=3, adapters=False))
+    assert not torch.equal(
+        mgie.describe([random_image(24, 24, seed=1)], ins)[1],
+        mgie.describe([random_image(24, 24, seed=2)], ins)[1],
+    )  # MGIE does look

@@ -15,6 +15,7 @@ from mgie.config import MGIEConfig
 from mgie.data.records import EditRecord
 from mgie.expressive import default_expressive
 from mgie.images import to_tensor
+from mgie.mllm import prompt_image_tokens
 from mgie.tokens import IGNORE_INDEX, TokenIds, build_prompt, build_target, encode_chunk, pad_sequences
 
 
@@ -39,7 +40,7 @@ class EditDataset(Dataset):
 
         self.records, self.tokenizer, self.ids, self.cfg = records, tokenizer, ids, cfg
         v = cfg.model.mllm.vision
-        self.num_patches = (v.image_size // v.patch_size) ** 2
+        self.num_patches = prompt_image_tokens(cfg.model.mllm)
         self.clip = CLIPImageProcessorPil(
             size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size}
         )

@@ -402,8 +402,8 @@ def world_tokenizer(examples: list[Example], vocab_size: int = 512, num_img_toke
     """A SentencePiece tokenizer trained on the prompt and the examples' texts (train split)."""
     from mgie.tokens import SYSTEM, train_tokenizer
 
-    lines = [SYSTEM, "USER: what will this image be like if ASSISTANT:"]
-    lines += [e.instruction for e in examples] + [e.expressive for e in examples]
+    fixed = [SYSTEM, "USER: what will this image be like if ASSISTANT:"] * max(1, len(examples) // 4)
+    lines = fixed + [e.instruction for e in examples] + [e.expressive for e in examples]  # the prompt: whole words
     return train_tokenizer(lines, vocab_size, num_img_tokens)
 
 

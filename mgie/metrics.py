@@ -146,19 +146,25 @@ def edit_success(
 def clip_scores(
     path: str, outputs: list[Image.Image], targets: list[Image.Image], captions: list[str] | None
 ):
-    """CLIP-I (cosine of image embeddings, x100) and CLIP-T (output image vs caption, x100)."""
-    from transformers import CLIPModel, CLIPProcessor
+    """CLIP-I (cosine of image embeddings, x100) and, with captions, CLIP-T (output vs caption, x100)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
-    model, proc = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    model, proc = CLIPModel.from_pretrained(path).eval(), AutoImageProcessor.from_pretrained(path)
 
     def emb(imgs):
-        return F.normalize(model.get_image_features(**proc(images=imgs, return_tensors="pt")), dim=-1)
+        out = model.get_image_features(**proc(images=imgs, return_tensors="pt"))
+        return F.normalize(
+            getattr(out, "pooler_output", out), dim=-1
+        )  # transformers 5 returns an output object
 
     eo, et = emb(outputs), emb(targets)
     out = {"clip_i": float((eo * et).sum(-1).mean() * 100)}
     if captions:
-        text = proc(text=captions, return_tensors="pt", padding=True, truncation=True)
-        ec = F.normalize(model.get_text_features(**text), dim=-1)
+        text = AutoTokenizer.from_pretrained(path)(
+            captions, return_tensors="pt", padding=True, truncation=True
+        )
+        feats = model.get_text_features(**text)
+        ec = F.normalize(getattr(feats, "pooler_output", feats), dim=-1)
         out["clip_t"] = float((eo * ec).sum(-1).mean() * 100)
     return out
 

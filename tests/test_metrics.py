@@ -47,3 +47,29 @@ def test_text_metrics():
     assert token_f1("remove the red square", "remove the red square") == 1.0
     assert token_f1("remove the red square", "remove the blue circle") == pytest.approx(0.5)
     assert token_f1("", "x") == 0.0 and token_f1("", "") == 1.0
+
+
+def test_feature_scores_with_user_supplied_weights(tmp_path):
+    """CLIP-I and DINO load from a folder (tiny random models here) and are cosines x 100."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, ViTConfig, ViTImageProcessor, ViTModel
+
+    from mgie.metrics import clip_scores, dino_score
+
+    from .conftest import random_image
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8)  # fmt: skip
+    CLIPModel(CLIPConfig(vision_config=small, text_config=dict(hidden_size=32, intermediate_size=64,
+              num_hidden_layers=1, num_attention_heads=2), projection_dim=16)).save_pretrained(tmp_path / "clip")  # fmt: skip
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path / "clip"
+    )
+    ViTModel(ViTConfig(**small), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")
+    a, b = [random_image(40, 40, seed=1)], [random_image(40, 40, seed=2)]
+    assert clip_scores(str(tmp_path / "clip"), a, a, None)["clip_i"] == pytest.approx(100, abs=1e-3)
+    assert dino_score(str(tmp_path / "dino"), a, a) == pytest.approx(100, abs=1e-3)
+    assert -100 <= clip_scores(str(tmp_path / "clip"), a, b, None)["clip_i"] < 100
+    assert -100 <= dino_score(str(tmp_path / "dino"), a, b) < 100

@@ -340,12 +340,12 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, override: dict) -> dict:
+def merge_dicts(base: dict, override: dict) -> dict:
     """Deep-merge ``override`` into ``base`` (mappings merge, everything else replaces)."""
     out = dict(base)
     for k, v in override.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "deepspeed":
-            out[k] = _merge(out[k], v)
+            out[k] = merge_dicts(out[k], v)
         else:
             out[k] = v
     return out
@@ -371,7 +371,7 @@ def parse_override(text: str) -> dict:
 def from_dict(data: dict) -> MGIEConfig:
     """Build an :class:`MGIEConfig` from a nested dict on top of the defaults, strictly."""
     base = to_dict(MGIEConfig())
-    return _from_dict(MGIEConfig, _merge(base, data))
+    return _from_dict(MGIEConfig, merge_dicts(base, data))
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -389,7 +389,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
+    return merge_dicts(_read_yaml(path.parent / str(base), (*seen, path.resolve())), data)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MGIEConfig:
@@ -402,10 +402,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     data = _read_yaml(Path(path)) if path is not None else {}
     for text in overrides or []:
-        data = _merge(data, parse_override(text))
+        data = merge_dicts(data, parse_override(text))
     preset = data.pop("preset", None)
     base = to_dict(get_preset(preset)) if preset is not None else to_dict(MGIEConfig())
-    cfg = _from_dict(MGIEConfig, _merge(base, data))
+    cfg = _from_dict(MGIEConfig, merge_dicts(base, data))
     validate(cfg)
     return cfg
 

@@ -7,12 +7,17 @@ Subcommands
     ViT-L/14 folder (the vision tower is not in the LLaVA checkpoint: the official code keeps it
     in a Python list, the "FSDP hack") + an SD-1.5 / InstructPix2Pix VAE folder. Token ids stay
     32000..32010. The result reproduces the official inference computation.
+``llava-v1``
+    LLaVA-7B-v1 + CLIP ViT-L/14 + an SD-1.5 UNet (4 channels, widened with
+    :func:`mgie.diffusion.widen_conv_in`, as the paper's training starts) or an InstructPix2Pix
+    UNet (8 channels, as is) + a VAE -> an *untrained* MGIE-7B of exactly the ``mgie-7b`` preset
+    (the ``train.init_from`` of ``configs/pretrain_ipr2pr.yaml``): 8 [IMG] rows appended to the
+    embeddings and the LM head, each the mean of the existing rows, and a fresh edit head.
 ``llava-hf``
-    A llava-hf LLaVA(-1.5) folder + an InstructPix2Pix UNet (8 input channels, as is) or an SD-1.5
-    UNet (4 channels, widened with :func:`mgie.diffusion.widen_conv_in`) + a VAE -> an *untrained*
+    A llava-hf LLaVA(-1.5) folder + an InstructPix2Pix or SD-1.5 UNet + a VAE -> an *untrained*
     MGIE starting point: MGIE tokens appended after the source vocabulary (32064.. for
     LLaVA-1.5), their embedding and LM-head rows set to the mean of the existing rows (what
-    transformers' ``resize_token_embeddings`` does), and a freshly initialised edit head.
+    transformers' ``resize_token_embeddings`` does), and a fresh edit head.
 
 How it works (and why it never holds more than about one copy of the model)
 ---------------------------------------------------------------------------
@@ -21,25 +26,30 @@ How it works (and why it never holds more than about one copy of the model)
    map_location="cpu")`` (a legacy non-zip pickle falls back to a plain load of that one file).
    This gives ``key -> shape`` for every source.
 2. **Derive the config** from the sources' own configs and tensor shapes (``official_config``,
-   ``llava_hf_config``) on top of the ``mgie-7b`` preset; ``--set a.b=c`` overrides win. What no
-   shape can tell (e.g. the edit head's head count, official value 4) comes from the preset.
+   ``llava_v1_config``, ``llava_hf_config``) on top of the ``mgie-7b`` preset; ``--set a.b=c``
+   overrides win. What no shape can tell (the edit head's head count, official value 4; the
+   UNet's attention head size when no UNet config is given) comes from the preset.
 3. **Map keys with a pure function of ``key -> shape`` dicts** (``official_plan``,
-   ``llava_hf_plan``). It returns, for every tensor of our folder, an :class:`Op` saying how to
-   compute it from source tensors (take as is, reshape, identity, zeros, append mean rows, widen
-   ``conv_in``...) together with its shape. Every consumed source key is popped; source keys left
-   over (outside the documented ignore groups, see ``IGNORED``) or missing are an error that
-   lists them, and the produced keys and shapes must equal those of the model built from the
-   config on the meta device (``target_shapes``), exactly. Because it runs on shapes only, the
-   tests run it on the full-size official key sets without any weights.
+   ``llava_v1_plan``, ``llava_hf_plan``). It returns, for every tensor of our folder, an
+   :class:`Op` saying how to compute it from source tensors (take as is, reshape, identity,
+   zeros, append mean rows, widen ``conv_in``...) together with its shape. Every consumed source
+   key is popped; source keys left over (outside the documented ignore groups, ``IGNORED``) or
+   missing are an error that lists them, and the produced keys and shapes must equal those of the
+   model built from the config on the meta device (``target_shapes``), exactly. Because it runs
+   on shapes only, the tests run it on the full-size official key sets without any weights.
 4. **Execute part by part.** The LLM part is written as safetensors shards of at most
-   ``--max-shard-size``: each shard's tensors are materialised from the memory-mapped sources,
-   written and released before the next shard, so peak memory is about one output shard plus the
-   small parts (edit head, then UNet, then VAE, one at a time). No torch module is ever built with
-   real weights. Output goes to a hidden ``.NAME.partial`` folder that is renamed at the end.
+   ``--max-shard-size`` (2 GB): each shard's tensors are materialised from the memory-mapped
+   sources, written and released before the next shard, so the extra memory is about twice one
+   shard (safetensors serialises a copy) plus, later and one at a time, the edit head, the UNet
+   and the VAE. No torch module is ever built with real weights. Output goes to a hidden
+   ``.NAME.partial`` folder beside ``--out`` that is renamed at the end; ``conversion.json``
+   records the inputs, checked hashes, ignored key counts and decisions.
 
 Documented ignore groups (never loaded by the official code either): LLaMA's
 ``rotary_emb.inv_freq`` buffers (recomputed from the config), CLIP's text tower, projections and
-``logit_scale`` (only the vision tower is used), and ``position_ids`` buffers.
+``logit_scale`` (only the vision tower is used), and ``position_ids`` buffers. LLaVA-v1's own
+``embed_tokens``/``lm_head`` are read (shape-checked) but superseded by ``mllm.pt``'s trained
+copies in the ``official`` route, exactly as the official ``load_state_dict(mllm.pt)`` does.
 
 ``emb`` versus ``embed_tokens``: the official inference feeds the LLM with the trained
 ``model.embed_tokens`` but gives the edit head ``E = mllm.pt['emb']``; training used
@@ -71,6 +81,8 @@ from pathlib import Path
 import torch
 
 from mgie.cli import Parser, run_command
+from mgie.config import merge_dicts
+from mgie.utils import torch_dtype
 
 Shape = tuple[int, ...]
 Shapes = dict[str, Shape]
@@ -89,7 +101,6 @@ IGNORED: dict[str, tuple[str, ...]] = {
 }
 
 IMG_EMBEDDINGS = ("auto", "emb", "embed_tokens")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SAFETENSORS_META = {"format": "pt"}
 
 
@@ -292,18 +303,11 @@ def check_plan(plan: Plan, expected: Mapping[str, Shapes]) -> None:
 # ----------------------------------------------------------------------------- config derivation
 
 
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _finalize_config(data: dict, overrides: Sequence[str]):
     from mgie.config import from_dict, parse_override, validate
 
     for text in overrides:
-        data = _merge(data, parse_override(text))
+        data = merge_dicts(data, parse_override(text))
     cfg = from_dict(data)
     validate(cfg)
     return cfg
@@ -425,20 +429,8 @@ def _edit_head_fields(shapes: Shapes, prefix: str, llm_hidden: int) -> dict:
     }
 
 
-def official_config(
-    llava: Mapping,
-    vision: Mapping,
-    shapes: Mapping[str, Shapes],
-    unet: Mapping | None = None,
-    vae: Mapping | None = None,
-    overrides: Sequence[str] = (),
-):
-    """The :class:`MGIEConfig` of an official conversion, from the sources' configs and shapes.
-
-    ``llava``: the LLaVA-7B-v1 ``config.json``; ``vision``: the CLIP vision config as a dict;
-    ``shapes``: ``{"mllm.pt": ..., "llava": ...}`` key -> shape; ``unet``/``vae``: diffusers
-    ``config.json`` dicts (``unet`` None: the SD-1.5 architecture with 8 input channels).
-    """
+def _llava_v1_mllm(llava: Mapping, vision: Mapping, llava_shapes: Shapes) -> dict:
+    """The ``model.mllm`` fields of a merged LLaVA-v1 folder (config.json + key shapes) + CLIP."""
     if "text_config" in llava or "mm_hidden_size" not in llava:
         raise ConversionError(
             "the LLaVA folder's config.json is not a LLaVA-v1 (LlavaLlamaForCausalLM) config "
@@ -458,19 +450,12 @@ def official_config(
             f"LLaVA mm_hidden_size {llava['mm_hidden_size']} != CLIP hidden_size {vis['hidden_size']}"
         )
     vocab_llava = int(llava["vocab_size"])
-    emb_rows = _rows(shapes["llava"].get("model.embed_tokens.weight"), "LLaVA model.embed_tokens.weight")
+    emb_rows = _rows(llava_shapes.get("model.embed_tokens.weight"), "LLaVA model.embed_tokens.weight")
     if emb_rows != vocab_llava:
         raise ConversionError(f"LLaVA config vocab_size {vocab_llava} != embed_tokens rows {emb_rows}")
-    mllm_rows = _rows(shapes["mllm.pt"].get("model.embed_tokens.weight"), "mllm.pt model.embed_tokens.weight")
-    n_img = mllm_rows - vocab_llava
-    if n_img < 1:
-        raise ConversionError(
-            f"mllm.pt embed_tokens has {mllm_rows} rows, not more than LLaVA's {vocab_llava}: no [IMG] rows"
-        )
-    hidden = int(llava["hidden_size"])
     heads = int(llava["num_attention_heads"])
     text = {
-        "hidden_size": hidden,
+        "hidden_size": int(llava["hidden_size"]),
         "intermediate_size": int(llava["intermediate_size"]),
         "num_hidden_layers": int(llava["num_hidden_layers"]),
         "num_attention_heads": heads,
@@ -481,25 +466,67 @@ def official_config(
         "rms_norm_eps": float(llava.get("rms_norm_eps", 1e-6)),
         "vocab_size": vocab_llava - 3,  # <im_patch> <im_start> <im_end> follow the base vocabulary
     }
+    return {
+        "vision": vis,
+        "text": text,
+        "vision_feature_layer": int(llava.get("mm_vision_select_layer", -2)),
+        "projector": "linear",
+    }
+
+
+def official_config(
+    llava: Mapping,
+    vision: Mapping,
+    shapes: Mapping[str, Shapes],
+    unet: Mapping | None = None,
+    vae: Mapping | None = None,
+    overrides: Sequence[str] = (),
+):
+    """The :class:`MGIEConfig` of an official conversion, from the sources' configs and shapes.
+
+    ``llava``: the LLaVA-7B-v1 ``config.json``; ``vision``: the CLIP vision config as a dict;
+    ``shapes``: ``{"mllm.pt": ..., "llava": ...}`` key -> shape; ``unet``/``vae``: diffusers
+    ``config.json`` dicts (``unet`` None: the SD-1.5 architecture with 8 input channels).
+    """
+    mllm = _llava_v1_mllm(llava, vision, shapes["llava"])
+    vocab_llava = mllm["text"]["vocab_size"] + 3
+    mllm_rows = _rows(shapes["mllm.pt"].get("model.embed_tokens.weight"), "mllm.pt model.embed_tokens.weight")
+    mllm["num_img_tokens"] = mllm_rows - vocab_llava
+    if mllm["num_img_tokens"] < 1:
+        raise ConversionError(
+            f"mllm.pt embed_tokens has {mllm_rows} rows, not more than LLaVA's {vocab_llava}: no [IMG] rows"
+        )
     data = _base_dict()
     m = data["model"]
-    m["mllm"] = _merge(
-        m["mllm"],
-        {
-            "vision": vis,
-            "text": text,
-            "vision_feature_layer": int(llava.get("mm_vision_select_layer", -2)),
-            "projector": "linear",
-            "num_img_tokens": n_img,
-        },
-    )
-    m["edit_head"].update(_edit_head_fields(shapes["mllm.pt"], "edit_head.", hidden))
+    m["mllm"] = merge_dicts(m["mllm"], mllm)
+    m["edit_head"].update(_edit_head_fields(shapes["mllm.pt"], "edit_head.", mllm["text"]["hidden_size"]))
     if unet is not None:
         m["diffusion"]["unet"].update(_unet_fields(unet))
     if vae is not None:
         m["diffusion"]["vae"].update(_vae_fields(vae))
     cfg = _finalize_config(data, overrides)
     _diffusers_checks(cfg, unet, vae, widened=False)
+    return cfg
+
+
+def llava_v1_config(
+    llava: Mapping,
+    vision: Mapping,
+    shapes: Mapping[str, Shapes],
+    unet: Mapping,
+    vae: Mapping,
+    overrides: Sequence[str] = (),
+):
+    """The :class:`MGIEConfig` of an untrained MGIE on LLaVA-v1 (``shapes``: ``{"llava": ...}``);
+    the [IMG] count and the edit head come from the ``mgie-7b`` preset and ``overrides``."""
+    data = _base_dict()
+    m = data["model"]
+    m["mllm"] = merge_dicts(m["mllm"], _llava_v1_mllm(llava, vision, shapes["llava"]))
+    m["diffusion"]["unet"].update(_unet_fields(unet, in_channels=2 * int(vae.get("latent_channels", 4))))
+    m["diffusion"]["vae"].update(_vae_fields(vae))
+    cfg = _finalize_config(data, overrides)
+    widened = int(unet.get("in_channels", 4)) != cfg.model.diffusion.unet.in_channels
+    _diffusers_checks(cfg, unet, vae, widened=widened)
     return cfg
 
 
@@ -537,7 +564,7 @@ def llava_hf_config(
     }
     data = _base_dict()
     m = data["model"]
-    m["mllm"] = _merge(
+    m["mllm"] = merge_dicts(
         m["mllm"],
         {
             "vision": _vision_fields(llava.vision_config.to_dict()),
@@ -606,6 +633,47 @@ def _map_clip(pool: _Pool, prefix: str) -> dict[str, Op]:
     return out
 
 
+def _map_llava_v1(llava: _Pool, clip: _Pool) -> tuple[dict[str, Op], Shape | None, Shape | None]:
+    """LLaMA blocks, final norm and projector of a LLaVA-v1 checkpoint, the CLIP vision tower.
+
+    LLaVA-v1's single Linear projector becomes ``linear_1``; ``linear_2`` is the identity with a
+    zero bias (see :mod:`mgie.mllm`). Returns the ops and the shapes of LLaVA's (popped)
+    ``embed_tokens`` and ``lm_head``, which the caller maps.
+    """
+    lm: dict[str, Op] = {}
+    llava.ignore(IGNORED["llava"])
+    for k, s in llava.pop_matching(r"^model\.layers\.").items():
+        lm["model.language_model." + k[len("model.") :]] = take("llava", k, s)
+    if (s := llava.pop("model.norm.weight")) is not None:
+        lm["model.language_model.norm.weight"] = take("llava", "model.norm.weight", s)
+    lm.update(_map_clip(clip, "model.vision_tower."))
+    w = llava.pop("model.mm_projector.weight")
+    b = llava.pop("model.mm_projector.bias")
+    if w is not None and b is not None:
+        lm["model.multi_modal_projector.linear_1.weight"] = take("llava", "model.mm_projector.weight", w)
+        lm["model.multi_modal_projector.linear_1.bias"] = take("llava", "model.mm_projector.bias", b)
+        like = ("llava", "model.mm_projector.weight")
+        lm["model.multi_modal_projector.linear_2.weight"] = eye(w[0], like)
+        lm["model.multi_modal_projector.linear_2.bias"] = zeros((w[0],), like)
+    return lm, llava.pop("model.embed_tokens.weight"), llava.pop("lm_head.weight")
+
+
+def _map_unet(pool: _Pool, in_channels: int, notes: list[str]) -> dict[str, Op]:
+    """A diffusers UNet as is, or with ``conv_in`` widened to ``in_channels`` (SD -> IP2P layout)."""
+    ops = _map_diffusers(pool)
+    conv = ops.get("conv_in.weight")
+    if conv is not None and len(conv.shape) == 4 and conv.shape[1] != in_channels and "conv_in.bias" in ops:
+        if conv.shape[1] > in_channels:
+            raise ConversionError(f"UNet conv_in has {conv.shape[1]} input channels, more than {in_channels}")
+        ops["conv_in.weight"] = widen(pool.group, "conv_in.weight", "conv_in.bias", conv.shape, in_channels)
+        notes.append(f"UNet conv_in widened {conv.shape[1]} -> {in_channels} channels (new channels zero)")
+    return ops
+
+
+def _fresh_edit_head(expected: Mapping[str, Shapes]) -> dict[str, Op]:
+    return {k: Op(s, (), None, "fresh edit head") for k, s in expected["edit_head"].items()}
+
+
 def official_plan(shapes: Mapping[str, Shapes], cfg, img_embeddings: str = "auto") -> Plan:
     """Map the official sources (key -> shape per group) onto our folder; a pure function of shapes.
 
@@ -618,18 +686,12 @@ def official_plan(shapes: Mapping[str, Shapes], cfg, img_embeddings: str = "auto
     )
     m = cfg.model.mllm
     base, n_img, hidden = m.text.vocab_size, m.num_img_tokens, m.text.hidden_size
-    lm: dict[str, Op] = {}
-
-    # LLM: LLaMA blocks and final norm from LLaVA; embeddings and LM head from mllm.pt (trained).
-    llava.ignore(IGNORED["llava"])
-    for k, s in llava.pop_matching(r"^model\.layers\.").items():
-        lm["model.language_model." + k[len("model.") :]] = take("llava", k, s)
-    if (s := llava.pop("model.norm.weight")) is not None:
-        lm["model.language_model.norm.weight"] = take("llava", "model.norm.weight", s)
-    for k in ("model.embed_tokens.weight", "lm_head.weight"):  # superseded by mllm.pt's trained copies
-        s = llava.pop(k)
+    lm, llava_embed, llava_head = _map_llava_v1(llava, clip)
+    for k, s in (("model.embed_tokens.weight", llava_embed), ("lm_head.weight", llava_head)):
         if s is not None and _rows(s, f"llava:{k}") != base + 3:
             raise ConversionError(f"llava:{k} has {s[0]} rows; expected {base + 3} (base vocabulary + 3)")
+
+    # Embeddings and LM head: mllm.pt's trained full matrices supersede LLaVA's.
     notes = ["LLaVA's embed_tokens/lm_head are superseded by mllm.pt's trained copies (as in demo.ipynb)"]
     embed = mllm.pop("model.embed_tokens.weight")
     head = mllm.pop("lm_head.weight")
@@ -653,17 +715,6 @@ def official_plan(shapes: Mapping[str, Shapes], cfg, img_embeddings: str = "auto
     else:
         notes.append("mllm.pt has no 'emb': E = the [IMG] rows of the trained embed_tokens (as in training)")
 
-    # Vision tower from the CLIP folder; LLaVA-v1's single Linear projector as linear_1, identity tail.
-    lm.update(_map_clip(clip, "model.vision_tower."))
-    w = llava.pop("model.mm_projector.weight")
-    b = llava.pop("model.mm_projector.bias")
-    if w is not None and b is not None:
-        lm["model.multi_modal_projector.linear_1.weight"] = take("llava", "model.mm_projector.weight", w)
-        lm["model.multi_modal_projector.linear_1.bias"] = take("llava", "model.mm_projector.bias", b)
-        like = ("llava", "model.mm_projector.weight")
-        lm["model.multi_modal_projector.linear_2.weight"] = eye(w[0], like)
-        lm["model.multi_modal_projector.linear_2.bias"] = zeros((w[0],), like)
-
     head_ops = {
         k[len("edit_head.") :]: take("mllm.pt", k, s) for k, s in mllm.pop_matching(r"^edit_head\.").items()
     }
@@ -676,6 +727,34 @@ def official_plan(shapes: Mapping[str, Shapes], cfg, img_embeddings: str = "auto
     ignored = _finish([mllm, unet, llava, clip, vae])
     plan = Plan(parts, ignored, notes)
     check_plan(plan, target_shapes(cfg))
+    return plan
+
+
+def llava_v1_plan(shapes: Mapping[str, Shapes], cfg) -> Plan:
+    """An untrained MGIE on LLaVA-v1 (groups ``llava``, ``clip``, ``unet``, ``vae``): LLaVA's
+    embeddings and LM head get ``num_img_tokens`` mean rows; the edit head is fresh."""
+    llava, clip, unet, vae = (_Pool(g, shapes[g]) for g in ("llava", "clip", "unet", "vae"))
+    m = cfg.model.mllm
+    base, n_img = m.text.vocab_size, m.num_img_tokens
+    lm, embed, head = _map_llava_v1(llava, clip)
+    for name, k, s in (
+        ("model.language_model.embed_tokens.weight", "model.embed_tokens.weight", embed),
+        ("lm_head.weight", "lm_head.weight", head),
+    ):
+        if s is not None:
+            if _rows(s, f"llava:{k}") != base + 3:
+                raise ConversionError(f"llava:{k} has {s[0]} rows; expected {base + 3} (base vocabulary + 3)")
+            lm[name] = append_mean("llava", k, s, n_img)
+    notes = [f"{n_img} new [IMG] rows (embeddings and LM head) = mean of the existing rows"]
+    expected = target_shapes(cfg)
+    parts = {
+        "mllm": lm,
+        "edit_head": _fresh_edit_head(expected),
+        "unet": _map_unet(unet, cfg.model.diffusion.unet.in_channels, notes),
+        "vae": _map_diffusers(vae, _vae_key),
+    }
+    plan = Plan(parts, _finish([llava, clip, unet, vae]), notes)
+    check_plan(plan, expected)
     return plan
 
 
@@ -706,24 +785,15 @@ def llava_hf_plan(shapes: Mapping[str, Shapes], cfg) -> Plan:
             lm[name] = append_mean("llava-hf", k, s, n_new)
         else:
             lm[name] = take("llava-hf", k, s)
-    unet_ops = _map_diffusers(unet)
-    want_in = cfg.model.diffusion.unet.in_channels
-    conv = unet_ops.get("conv_in.weight")
     notes = [f"{n_new} new token rows (embeddings and LM head) = mean of the existing rows"]
-    if conv is not None and len(conv.shape) == 4 and conv.shape[1] != want_in and "conv_in.bias" in unet_ops:
-        if conv.shape[1] > want_in:
-            raise ConversionError(f"UNet conv_in has {conv.shape[1]} input channels, more than {want_in}")
-        unet_ops["conv_in.weight"] = widen("unet", "conv_in.weight", "conv_in.bias", conv.shape, want_in)
-        notes.append(f"UNet conv_in widened {conv.shape[1]} -> {want_in} channels (new channels zero)")
     expected = target_shapes(cfg)
     parts = {
         "mllm": lm,
-        "edit_head": {k: Op(s, (), None, "fresh edit head") for k, s in expected["edit_head"].items()},
-        "unet": unet_ops,
+        "edit_head": _fresh_edit_head(expected),
+        "unet": _map_unet(unet, cfg.model.diffusion.unet.in_channels, notes),
         "vae": _map_diffusers(vae, _vae_key),
     }
-    ignored = _finish([src, unet, vae])
-    plan = Plan(parts, ignored, notes)
+    plan = Plan(parts, _finish([src, unet, vae]), notes)
     check_plan(plan, expected)
     return plan
 
@@ -1186,6 +1256,35 @@ def convert_official(args, log, warn) -> Path:
     return Path(args.out)
 
 
+def convert_llava_v1(args, log, warn) -> Path:
+    llava_dir = _folder(args.llava, "LLaVA-7B-v1")
+    clip_dir = _folder(args.clip, "CLIP")
+    unet_dir = component_dir(args.unet, "unet", "UNet")
+    vae_dir = component_dir(args.vae, "vae", "VAE")
+    sums = check_sha256(args.sha256, log)
+    log("opening the sources")
+    sources = {
+        "llava": TensorSource("llava", weight_files(llava_dir, "transformers")),
+        "clip": TensorSource("clip", weight_files(clip_dir, "transformers")),
+        "unet": TensorSource("unet", weight_files(unet_dir, "diffusers")),
+        "vae": TensorSource("vae", weight_files(vae_dir, "diffusers")),
+    }
+    shapes = {g: s.shapes for g, s in sources.items()}
+    cfg = llava_v1_config(
+        _json(llava_dir / "config.json"),
+        _clip_vision_dict(clip_dir),
+        shapes,
+        _json(unet_dir / "config.json"),
+        _json(vae_dir / "config.json"),
+        args.set,
+    )
+    plan = llava_v1_plan(shapes, cfg)
+    tokenizer = official_tokenizer(llava_dir, cfg)
+    provenance = _provenance(args, "llava-v1", plan, sums, {"edit_head_seed": args.seed})
+    _write(args, plan, cfg, tokenizer, sources, provenance, log, fresh_edit_head_seed=args.seed)
+    return Path(args.out)
+
+
 def convert_llava_hf(args, log, warn) -> Path:
     from transformers import LlavaConfig
 
@@ -1241,7 +1340,7 @@ def _write(args, plan, cfg, tokenizer, sources, provenance, log, fresh_edit_head
         tokenizer,
         sources,
         Path(args.out),
-        dtype=None if args.dtype == "keep" else DTYPES[args.dtype],
+        dtype=None if args.dtype == "keep" else torch_dtype(args.dtype),
         max_shard_bytes=args.max_shard_size,
         overwrite=args.overwrite,
         provenance=provenance,
@@ -1260,8 +1359,11 @@ def _write(args, plan, cfg, tokenizer, sources, provenance, log, fresh_edit_head
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m mgie.convert", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, metavar="{official,llava-hf}")
+    p = Parser(
+        prog="python -m mgie.convert",
+        description="Convert foreign checkpoints (official MGIE release, LLaVA-7B-v1, llava-hf) into an MGIE folder.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="{official,llava-v1,llava-hf}")
 
     def common(s):
         s.add_argument("--out", required=True, help="output MGIE folder (must be new or empty)")
@@ -1276,11 +1378,11 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--dtype",
             default="keep",
-            choices=["keep", *DTYPES],
+            choices=["keep", "float32", "float16", "bfloat16"],
             help="dtype of the written weights (default: keep each source tensor's dtype)",
         )
         s.add_argument(
-            "--max-shard-size", type=parse_size, default=parse_size("4GB"), help="LLM shard size (4GB)"
+            "--max-shard-size", type=parse_size, default=parse_size("2GB"), help="LLM shard size (2GB)"
         )
         s.add_argument("--overwrite", action="store_true", help="replace an existing MGIE folder at --out")
         s.add_argument("--verify", action="store_true", help="load the result with MGIEModel.from_pretrained")
@@ -1305,6 +1407,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="if mllm.pt:emb differs from the [IMG] rows of embed_tokens: which one to keep (auto: refuse)",
     )
     common(o)
+    v = sub.add_parser(
+        "llava-v1", help="LLaVA-7B-v1 + CLIP ViT-L/14 + SD-1.5/IP2P UNet + VAE -> untrained MGIE-7B"
+    )
+    v.add_argument("--llava", required=True, help="merged LLaVA-7B-v1 folder")
+    v.add_argument("--clip", required=True, help="openai/clip-vit-large-patch14 folder")
+    v.add_argument(
+        "--unet",
+        required=True,
+        help="UNet folder: SD-1.5 (4 ch, widened; the paper) or InstructPix2Pix (8 ch)",
+    )
+    v.add_argument("--vae", required=True, help="VAE folder (or a pipeline folder with vae/)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the fresh edit head (0)")
+    common(v)
     h = sub.add_parser("llava-hf", help="llava-hf LLaVA + IP2P/SD-1.5 UNet + VAE -> untrained MGIE")
     h.add_argument("--llava", required=True, help="llava-hf folder (e.g. llava-hf/llava-1.5-7b-hf)")
     h.add_argument(
@@ -1327,8 +1442,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {msg}", file=sys.stderr)
 
     def run() -> int:
-        route = convert_official if args.command == "official" else convert_llava_hf
-        out = route(args, log, warn)
+        routes = {"official": convert_official, "llava-v1": convert_llava_v1, "llava-hf": convert_llava_hf}
+        out = routes[args.command](args, log, warn)
         print(out)
         return 0
 

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         help="weights dtype (default: bfloat16 on CUDA, float32 elsewhere)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the checkpoint's config, e.g. model.quantization.bits=4 (4-bit LLM)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -102,7 +109,7 @@ def save_image(img, alpha, path: Path) -> None:
 EMBEDDED = Path(__file__).resolve().parent / "assets" / "mgie-shapes"
 
 
-def load_default_model(dtype):
+def load_default_model(dtype, overrides: list[str] | None = None):
     """The model used when no ``--checkpoint`` is given: the embedded ``mgie-shapes`` when it is
     installed, else the tiny preset with untrained weights (it says so)."""
     import torch
@@ -110,7 +117,9 @@ def load_default_model(dtype):
     from mgie.model import MGIEModel
 
     if (EMBEDDED / "config.yaml").is_file():
-        return MGIEModel.from_pretrained(EMBEDDED, dtype=dtype)
+        return MGIEModel.from_pretrained(EMBEDDED, dtype=dtype, overrides=overrides)
+    if overrides:
+        raise ValueError("--set needs --checkpoint (or the embedded model)")
     from mgie.presets import tiny
     from mgie.tokens import build_tiny_tokenizer
 
@@ -142,12 +151,12 @@ def run(args: argparse.Namespace) -> int:
     from mgie.pipeline import MGIEPipeline
 
     t0 = time.perf_counter()
-    model = (
-        MGIEModel.from_pretrained(args.checkpoint, dtype=dtype)
-        if args.checkpoint
-        else load_default_model(dtype)
-    )
-    pipe = MGIEPipeline(model.to(device=device, dtype=dtype))
+    if args.checkpoint:
+        model = MGIEModel.from_pretrained(args.checkpoint, dtype=dtype, overrides=args.set)
+    else:
+        model = load_default_model(dtype, args.set)
+    quantized = bool(model.cfg.model.quantization.bits)  # k-bit layers keep their storage dtype
+    pipe = MGIEPipeline(model.to(device=device) if quantized else model.to(device=device, dtype=dtype))
     pipe.check_instruction(args.instruction)
     t1 = time.perf_counter()
     result = pipe(

@@ -196,12 +196,10 @@ the image will show a dark night scene with a black sky, stars and a bright moon
 """
 
 
-def train_tokenizer(lines: list[str], vocab_size: int, num_img_tokens: int):
-    """A deterministic SentencePiece BPE tokenizer in LLaMA's layout (unk 0, bos 1, eos 2, byte
-    fallback, dummy prefix), trained in memory on ``lines`` and loaded through ``LlamaTokenizer``,
-    the same class and code path as the real LLaMA tokenizer. MGIE tokens are added."""
+def train_sentencepiece(lines: list[str], vocab_size: int) -> bytes:
+    """A deterministic SentencePiece BPE model (the bytes of a ``tokenizer.model``) in LLaMA's
+    layout: unk 0, bos 1, eos 2, byte fallback, dummy prefix, no normalisation."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -222,13 +220,24 @@ def train_tokenizer(lines: list[str], vocab_size: int, num_img_tokens: int):
         split_digits=True,
         minloglevel=2,
     )
+    return buf.getvalue()
+
+
+def train_tokenizer(lines: list[str], vocab_size: int, num_img_tokens: int):
+    """:func:`train_sentencepiece` on ``lines``, loaded through ``LlamaTokenizer`` (the same class
+    and code path as the real LLaMA tokenizer), with the MGIE tokens added."""
+    from transformers import LlamaTokenizer
+
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "tokenizer.model").write_bytes(buf.getvalue())
+        (Path(tmp) / "tokenizer.model").write_bytes(train_sentencepiece(lines, vocab_size))
         tokenizer = LlamaTokenizer.from_pretrained(tmp)  # converts the .model like a real checkpoint
     add_mgie_tokens(tokenizer, num_img_tokens)
     return tokenizer
 
 
+TINY_CORPUS_LINES = _TINY_CORPUS.splitlines() * 4
+
+
 def build_tiny_tokenizer(vocab_size: int, num_img_tokens: int):
     """The tiny preset's tokenizer: :func:`train_tokenizer` on a small built-in corpus."""
-    return train_tokenizer(_TINY_CORPUS.splitlines() * 4, vocab_size, num_img_tokens)
+    return train_tokenizer(TINY_CORPUS_LINES, vocab_size, num_img_tokens)

@@ -197,3 +197,44 @@ def test_bad_input_one_line_error_nonzero_exit(tmp_path, capsys, case):
     assert out == ""
     after = {p: digest(p) for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith(".")}
     assert after == before  # nothing written, nothing lost
+
+
+def test_set_overrides_the_checkpoint_config_4bit(tmp_path, capsys, tiny_cfg, tokenizer):
+    """`--set model.quantization.bits=4` loads the LLM in 4 bits (bitsandbytes) and still edits."""
+    pytest.importorskip("bitsandbytes")
+    from .conftest import make_model
+
+    make_model(tiny_cfg, tokenizer, adapters=False).save_pretrained(tmp_path / "ckpt")
+    img = tmp_path / "in.png"
+    random_image(32, 32).save(img)
+    code, out, err = run_cli(
+        capsys,
+        "--image",
+        str(img),
+        "--instruction",
+        "make it dark",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--set",
+        "model.quantization.bits=4",
+        "--set",
+        "model.quantization.compute_dtype=float32",
+        "--out",
+        str(tmp_path / "o.png"),
+        *FAST,
+    )
+    assert code == 0, err
+    assert (tmp_path / "o.png").is_file()
+    code, _, err = run_cli(
+        capsys,
+        "--image",
+        str(img),
+        "--instruction",
+        "x",
+        "--checkpoint",
+        str(tmp_path / "ckpt"),
+        "--set",
+        "model.nope=1",
+        *FAST,
+    )
+    assert code == 2 and "unknown config key" in error_line(err)

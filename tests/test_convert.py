@@ -10,7 +10,6 @@ shards + index with LLaMA keys, ``model.mm_projector.*`` and ``rotary_emb.inv_fr
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from mgie.convert import (
     official_plan,
 )
 from mgie.model import MGIEModel
-from mgie.tokens import SYSTEM, build_prompt, build_target
+from mgie.tokens import SYSTEM, build_prompt, build_target, img_hidden_states
 
 from .conftest import fixture_path, make_batch
 
@@ -73,31 +72,10 @@ HEAD_SET = ["--set", "model.edit_head.num_heads=2"]  # the one edit-head size sh
 
 
 def tiny_sp_model(path: Path) -> Path:
-    """A 512-piece LLaMA-layout SentencePiece model (the settings of ``tokens.build_tiny_tokenizer``)."""
-    import sentencepiece as spm
+    """A 512-piece LLaMA-layout SentencePiece model (the tiny preset's corpus and settings)."""
+    from mgie.tokens import TINY_CORPUS_LINES, train_sentencepiece
 
-    from mgie.tokens import _TINY_CORPUS
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_TINY_CORPUS.splitlines() * 4),
-        model_writer=buf,
-        vocab_size=512,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        minloglevel=2,
-    )
-    path.write_bytes(buf.getvalue())
+    path.write_bytes(train_sentencepiece(TINY_CORPUS_LINES, 512))
     return path
 
 
@@ -186,9 +164,11 @@ def build_official(root: Path, sp_model: Path, hidden: int = HIDDEN, emb_offset:
     mllm["emb"] = (mllm["model.embed_tokens.weight"][-N_IMG:].float() + emb_offset).half().unsqueeze(0)
     torch.save(mllm, paths["mgie"] / "mllm.pt")
 
-    unet = UNet2DConditionModel(in_channels=8, **UNet_KW())
+    unet = UNet2DConditionModel(in_channels=8, **UNET)
     torch.save({k: v.half() for k, v in unet.state_dict().items()}, paths["mgie"] / "unet.pt")
     unet.save_config(paths["unet_config"])
+    UNet2DConditionModel(in_channels=4, **UNET).save_pretrained(root / "sd_unet")  # for llava-v1
+    paths["sd_unet"] = root / "sd_unet"
 
     clip_cfg = CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
@@ -198,10 +178,6 @@ def build_official(root: Path, sp_model: Path, hidden: int = HIDDEN, emb_offset:
     CLIPModel(clip_cfg).save_pretrained(paths["clip"])
     AutoencoderKL(**VAE).save_pretrained(paths["vae"])
     return paths
-
-
-def UNet_KW() -> dict:  # noqa: N802 - a constant that must be fresh each time
-    return {**UNET, "block_out_channels": tuple(UNET["block_out_channels"])}
 
 
 def convert_official(paths: dict, out: Path, *extra: str) -> int:
@@ -255,19 +231,23 @@ class OfficialEditMapper(nn.Module):
         return self.hid2feat(hid)
 
 
+def llava_v1_state(paths: dict) -> dict[str, torch.Tensor]:
+    sd = {}
+    for f in sorted(paths["llava"].glob("pytorch_model-*.bin")):
+        sd.update(torch.load(f, weights_only=True))
+    return sd
+
+
 @torch.no_grad()
-def official_forward(paths: dict, input_ids: torch.Tensor, pixel_values: torch.Tensor, im_patch: int):
-    """The official MLLM + edit head on the official files (fp32): hidden, logits, [IMG] states, cond, null."""
+def llava_v1_forward(paths, embed, head, input_ids, pixel_values, im_patch):
+    """LLaVA-v1 (mgie_llava.py ``LlavaLlamaModel.forward``) on the official files, in fp32:
+    CLIP ``hidden_states[-2][:, 1:]`` -> ``mm_projector`` -> spliced at ``<im_patch>`` -> LLaMA."""
     from transformers import CLIPVisionModel, LlamaForCausalLM
 
-    llava = {}
-    for f in sorted(paths["llava"].glob("pytorch_model-*.bin")):
-        llava.update(torch.load(f, weights_only=True))
-    mllm = torch.load(paths["mgie"] / "mllm.pt", weights_only=True)
-    vocab = mllm["lm_head.weight"].shape[0]
-    llama = LlamaForCausalLM(llama_config(vocab, llava["model.norm.weight"].shape[0])).eval()
+    llava = llava_v1_state(paths)
+    llama = LlamaForCausalLM(llama_config(embed.shape[0], embed.shape[1])).eval()
     state = {k: v.float() for k, v in llava.items() if "rotary_emb" not in k and "mm_projector" not in k}
-    state.update({k: mllm[k].float() for k in ("model.embed_tokens.weight", "lm_head.weight")})
+    state.update({"model.embed_tokens.weight": embed.float(), "lm_head.weight": head.float()})
     llama.load_state_dict(state)  # the official resize + load_state_dict(mllm.pt), made strict
     tower = CLIPVisionModel.from_pretrained(paths["clip"]).eval()  # demo.ipynb re-creates it like this
     feats = tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -275,8 +255,16 @@ def official_forward(paths: dict, input_ids: torch.Tensor, pixel_values: torch.T
     embeds = llama.model.embed_tokens(input_ids).clone()
     embeds[input_ids == im_patch] = proj.reshape(-1, proj.shape[-1])  # the <im_patch> splice
     hidden = llama.model(inputs_embeds=embeds).last_hidden_state
-    logits = llama.lm_head(hidden)
-    p = input_ids[0].tolist().index(vocab - N_IMG) - 1  # index([IMG0]) - 1
+    return hidden, llama.lm_head(hidden)
+
+
+@torch.no_grad()
+def official_forward(paths: dict, input_ids: torch.Tensor, pixel_values: torch.Tensor, im_patch: int):
+    """The official MLLM + edit head on the official files (fp32): hidden, logits, [IMG] states, cond, null."""
+    mllm = torch.load(paths["mgie"] / "mllm.pt", weights_only=True)
+    embed, head = mllm["model.embed_tokens.weight"], mllm["lm_head.weight"]
+    hidden, logits = llava_v1_forward(paths, embed, head, input_ids, pixel_values, im_patch)
+    p = input_ids[0].tolist().index(embed.shape[0] - N_IMG) - 1  # index([IMG0]) - 1
     h = hidden[:, p : p + N_IMG]
     mapper = OfficialEditMapper(
         h.shape[-1],
@@ -339,6 +327,7 @@ def test_official_conversion_reproduces_the_official_computation(official):
     tol = dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(hidden, ref["hidden"], **tol)
     torch.testing.assert_close(logits, ref["logits"], **tol)
+    torch.testing.assert_close(img_hidden_states(hidden, seq, ids.img), ref["img_states"], **tol)
     torch.testing.assert_close(cond, ref["cond"], **tol)  # E = emb (= the [IMG] rows)
     torch.testing.assert_close(null, ref["null"], **tol)
     emb = torch.load(paths["mgie"] / "mllm.pt", weights_only=True)["emb"].float()[0]
@@ -508,27 +497,71 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
     ]
 
 
+# ----------------------------------------------------------------------------- llava-v1 (untrained MGIE-7B)
+
+
+def test_llava_v1_gives_the_paper_starting_point(official, tmp_path):
+    """LLaVA-7B-v1 + CLIP + an SD-style 4-channel UNet: the LLM is LLaVA's exactly, the UNet is
+    widened as mgie.diffusion.widen_conv_in does, and the folder trains."""
+    from diffusers import UNet2DConditionModel
+
+    from mgie.diffusion import widen_conv_in
+
+    paths = official[0]
+    argv = ["llava-v1", "--llava", str(paths["llava"]), "--clip", str(paths["clip"])]
+    argv += ["--unet", str(paths["sd_unet"]), "--vae", str(paths["vae"]), "--out", str(tmp_path / "init")]
+    assert main([*argv, "--quiet", *SMALL_HEAD]) == 0
+    model = MGIEModel.from_pretrained(tmp_path / "init").eval()
+    tok, ids = model.tokenizer, model.ids
+    assert (ids.im_patch, ids.img) == (512, tuple(range(515, 523)))
+    llava = llava_v1_state(paths)
+    embed, head = llava["model.embed_tokens.weight"], llava["lm_head.weight"]
+    seq = torch.tensor([build_prompt(tok, ids, "make it look like night", 16)])  # no [IMG] token yet
+    pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    ref_hidden, ref_logits = llava_v1_forward(paths, embed, head, seq, pixels, ids.im_patch)
+    with torch.no_grad():
+        logits, hidden = model.mllm_forward(seq, torch.ones_like(seq), pixels)
+    torch.testing.assert_close(hidden, ref_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits[..., : embed.shape[0]], ref_logits, rtol=1e-5, atol=1e-5)
+    new_rows = model.mllm.get_input_embeddings().weight[embed.shape[0] :]
+    torch.testing.assert_close(new_rows, embed.float().mean(0, keepdim=True).expand(N_IMG, -1))
+
+    src_unet = UNet2DConditionModel.from_pretrained(paths["sd_unet"])
+    wide = widen_conv_in(src_unet, 8)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.unet.state_dict().values(), wide.state_dict().values())
+    )
+
+    train = MGIEModel.from_pretrained(tmp_path / "init", adapters=True)
+    out = train(**make_batch(train, n=2), generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(
+        train.trainable_groups()[g] for g in ("img_tokens", "edit_head", "unet")
+    )
+
+
 # ----------------------------------------------------------------------------- prompt fidelity
 
 
 @pytest.fixture(scope="module")
-def converted_with_llama_tokenizer(tmp_path_factory):
+def converted_llama_tokenizer(tmp_path_factory):
+    """The tokenizer the converter saved for a LLaVA folder holding the real LLaMA tokenizer.model."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
     sp_model = fixture_path("llama_tokenizer", "tokenizer.model")
     root = tmp_path_factory.mktemp("llama")
     paths = build_official(root / "src", sp_model, hidden=16)
     assert convert_official(paths, root / "out") == 0
-    return root / "out"
+    tok = AutoTokenizer.from_pretrained(root / "out" / "tokenizer")
+    return tok, spm.SentencePieceProcessor(model_file=str(sp_model))
 
 
 @pytest.mark.parametrize("i", range(20))
-def test_converted_tokenizer_gives_the_official_prompt_ids(converted_with_llama_tokenizer, i):
-    import sentencepiece as spm
-    from transformers import AutoTokenizer
-
+def test_converted_tokenizer_gives_the_official_prompt_ids(converted_llama_tokenizer, i):
     from mgie.tokens import token_ids
 
-    sp = spm.SentencePieceProcessor(model_file=str(fixture_path("llama_tokenizer", "tokenizer.model")))
-    tok = AutoTokenizer.from_pretrained(converted_with_llama_tokenizer / "tokenizer")
+    tok, sp = converted_llama_tokenizer
     ids = token_ids(tok, N_IMG)
     assert (ids.im_patch, ids.im_start, ids.im_end, ids.img) == (
         32000,
@@ -707,6 +740,23 @@ def test_full_size_official_key_set_maps_onto_the_paper_preset():
     assert plan.parts["mllm"]["model.multi_modal_projector.linear_2.weight"].what == "identity"
 
 
+def test_full_size_llava_v1_init_is_the_paper_preset():
+    """LLaVA-7B-v1 + CLIP-L + the SD-1.5 UNet (4 channels, widened): exactly ``mgie-7b``."""
+    from mgie.config import to_dict
+    from mgie.convert import llava_v1_config, llava_v1_plan
+    from mgie.presets import mgie_7b
+
+    llava_json, vision, shapes = official_full_size()
+    unet, vae = _sd15(4)
+    src = {"llava": shapes["llava"], "clip": shapes["clip"], "unet": unet, "vae": vae}
+    cfg = llava_v1_config(llava_json, vision, src, dict(IP2P_UNET_JSON, in_channels=4), SD15_VAE_JSON)
+    assert to_dict(cfg.model) == to_dict(mgie_7b().model)
+    plan = llava_v1_plan(src, cfg)
+    _assert_meta_model_accepts(plan, cfg)
+    assert plan.shapes()["mllm"]["lm_head.weight"] == (32011, 4096)
+    assert plan.parts["unet"]["conv_in.weight"].what == "widen to 8 channels"
+
+
 def test_full_size_llava15_hf_key_set_maps_onto_an_mgie_model():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -832,7 +882,7 @@ def build_llava_hf(root: Path, sp_model: Path, key_style: str, unet_in: int = 4)
             sd["vision_tower.vision_model.embeddings.position_ids"] = torch.arange(17)[None]
         save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
     assert set(load_file(src / "model.safetensors")) != set() and (src / "tokenizer.model").is_file()
-    unet = UNet2DConditionModel(in_channels=unet_in, **UNet_KW()).eval()
+    unet = UNet2DConditionModel(in_channels=unet_in, **UNET).eval()
     unet.save_pretrained(unet_dir)
     AutoencoderKL(**VAE).save_pretrained(vae_dir)
     return model, unet, dict(llava=src, unet=unet_dir, vae=vae_dir)

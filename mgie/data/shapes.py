@@ -403,7 +403,8 @@ def world_tokenizer(examples: list[Example], vocab_size: int = 512, num_img_toke
     from mgie.tokens import SYSTEM, train_tokenizer
 
     fixed = [SYSTEM, "USER: what will this image be like if ASSISTANT:"] * max(1, len(examples) // 4)
-    lines = fixed + [e.instruction for e in examples] + [e.expressive for e in examples]  # the prompt: whole words
+    # The fixed prompt is repeated so that its words become whole pieces.
+    lines = fixed + [e.instruction for e in examples] + [e.expressive for e in examples]
     return train_tokenizer(lines, vocab_size, num_img_tokens)
 
 

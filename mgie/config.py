@@ -88,6 +88,7 @@ class MLLMConfig:
     tokenizer: str = ""  # LLaMA tokenizer folder for a model built from scratch; "" = built-in tiny one
     trainable: Literal["adapters", "full"] = "adapters"  # adapters: LoRA + [IMG] rows; full: every weight
     use_image: bool = True  # false: the LLM never sees the image (the paper's LGIE baseline)
+    expressive: bool = True  # false: no expressive text, the LLM only encodes the instruction (IP2P baseline)
 
 
 @dataclass

@@ -76,7 +76,7 @@ class MGIEPipeline:
     @torch.no_grad()
     def describe(self, images: list[Image.Image], instructions: list[str]) -> tuple[list[str], torch.Tensor]:
         """Expressive instructions and UNet conditioning (B, Q, C) for RGB images + instructions."""
-        model, ids, inf = self.model, self.model.ids, self.cfg.inference
+        model, ids = self.model, self.model.ids
         device = model.device
         texts = [self.check_instruction(t) for t in instructions]
         pixels = self.clip(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, S, S)
@@ -84,10 +84,25 @@ class MGIEPipeline:
             build_prompt(self.tokenizer, ids, t, prompt_image_tokens(self.cfg.model.mllm)) for t in texts
         ]
         input_ids, mask = pad_sequences(prompts, ids.pad, side="left")
+        if self.cfg.model.mllm.expressive:
+            text_ids = self._generate(input_ids.to(device), mask.to(device), pixels)
+        else:  # IP2P baseline: no text, the [IMG] tokens follow the prompt
+            text_ids = [[] for _ in prompts]
+        full = [p + t + list(ids.img) for p, t in zip(prompts, text_ids)]
+        full_ids, full_mask = pad_sequences(full, ids.pad, side="left")
+        full_ids, full_mask = full_ids.to(device), full_mask.to(device)
+        _, hidden = model.mllm_forward(full_ids, full_mask, pixels)  # (B, L, D)
+        cond = model.condition(hidden, full_ids)  # (B, Q, C)
+        expressive = [normalize_text(self.tokenizer.decode(t, skip_special_tokens=True)) for t in text_ids]
+        return expressive, cond
+
+    def _generate(self, input_ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> list[list[int]]:
+        """Greedy expressive text of each row, up to (not including) ``</s>`` or any MGIE token."""
+        model, ids, inf = self.model, self.model.ids, self.cfg.inference
         image = {"pixel_values": pixels.to(model.mllm.dtype)} if self.cfg.model.mllm.use_image else {}
         out = model.mllm.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
+            input_ids=input_ids,
+            attention_mask=mask,
             **image,
             max_new_tokens=inf.max_new_tokens,
             do_sample=False,
@@ -96,16 +111,8 @@ class MGIEPipeline:
             eos_token_id=[ids.eos, ids.img[0]],
             pad_token_id=ids.pad,
         )
-        generated = out[:, input_ids.shape[1] :].tolist()
         stop = {ids.eos, ids.im_patch, ids.im_start, ids.im_end, *ids.img}  # text ends at any of these
-        text_ids = [_until(row, stop) for row in generated]
-        full = [p + t + list(ids.img) for p, t in zip(prompts, text_ids)]
-        full_ids, full_mask = pad_sequences(full, ids.pad, side="left")
-        full_ids, full_mask = full_ids.to(device), full_mask.to(device)
-        _, hidden = model.mllm_forward(full_ids, full_mask, pixels)  # (B, L, D)
-        cond = model.condition(hidden, full_ids)  # (B, Q, C)
-        expressive = [normalize_text(self.tokenizer.decode(t, skip_special_tokens=True)) for t in text_ids]
-        return expressive, cond
+        return [_until(row, stop) for row in out[:, input_ids.shape[1] :].tolist()]
 
     # ------------------------------------------------------------------ diffusion side
 

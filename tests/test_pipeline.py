@@ -126,3 +126,23 @@ def test_lgie_baseline_never_sees_the_image(tiny_cfg, tokenizer):
         mgie.describe([random_image(24, 24, seed=1)], ins)[1],
         mgie.describe([random_image(24, 24, seed=2)], ins)[1],
     )  # MGIE does look
+
+
+def test_ip2p_baseline_encodes_the_instruction_only(tiny_cfg, tokenizer):
+    """use_image=false, expressive=false: no text is generated; [IMG] tokens follow the prompt."""
+    from mgie.config import from_dict, to_dict
+    from mgie.data.dataset import EditDataset
+    from mgie.data.records import EditRecord, FileImage
+
+    d = to_dict(tiny_cfg)
+    d["model"]["mllm"].update(use_image=False, expressive=False)
+    cfg = from_dict(d)
+    pipe = MGIEPipeline(make_model(cfg, tokenizer, seed=2, adapters=False))
+    texts, c1 = pipe.describe([random_image(24, 24, seed=1)], ["make it dark"])
+    _, c2 = pipe.describe([random_image(24, 24, seed=5)], ["make it dark"])
+    _, c3 = pipe.describe([random_image(24, 24, seed=1)], ["remove the red square"])
+    assert texts == [""] and torch.equal(c1, c2) and not torch.equal(c1, c3)
+    ids = pipe.model.ids
+    rec = EditRecord("0", FileImage(None), FileImage(None), "make it dark", "the sky turns black")
+    input_ids, labels = EditDataset([rec], tokenizer, ids, cfg).tokens(rec.instruction, rec.expressive)
+    assert [t for t in labels if t != -100] == [*ids.img, ids.eos]  # nothing to say, just the [IMG] tokens

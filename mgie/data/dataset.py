@@ -52,7 +52,10 @@ class EditDataset(Dataset):
         """``(input_ids, labels)``; texts over their token budgets (config) are cut."""
         d = self.cfg.data
         instruction = self._cut(instruction, d.max_instruction_tokens)
-        expressive = self._cut(expressive or default_expressive(instruction), d.max_expressive_tokens)
+        if not self.cfg.model.mllm.expressive:
+            expressive = ""  # IP2P baseline: the assistant turn is just [IMG0..N-1] </s>
+        else:
+            expressive = self._cut(expressive or default_expressive(instruction), d.max_expressive_tokens)
         prompt = build_prompt(self.tokenizer, self.ids, instruction, self.num_patches)
         target = build_target(self.tokenizer, self.ids, expressive)
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target

@@ -18,6 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 from mgie.cli import Parser, ranged, run_command
@@ -51,10 +52,34 @@ def _file_id(record_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in record_id)
 
 
-def edit_all(
-    pipe, rows: dict[str, dict], out_dir: Path, batch: int, steps, seed, progress: bool
-) -> dict[str, str]:
-    """Edit every row not cached yet; returns ``{id: expressive}`` for all rows."""
+def pipeline_editor(pipe, steps, seed):
+    """Records -> (edited images, expressive texts) with an :class:`MGIEPipeline`."""
+
+    def edit(recs):
+        result = pipe([r.source.load() for r in recs], [r.instruction for r in recs], steps=steps, seed=seed,
+                      progress=False)  # fmt: skip
+        return result.images, result.expressive
+
+    return edit
+
+
+@torch.no_grad()
+def vae_oracle(vae):
+    """Records -> (the VAE's reconstruction of each *target*, the true expressive text): the best
+    any UNet on this VAE can do, to calibrate a model's edit success against."""
+    from mgie.diffusion import decode, encode_source
+    from mgie.images import to_pil, to_tensor
+
+    def edit(recs):
+        targets = [r.target.load() for r in recs]
+        latents = encode_source(vae, to_tensor(targets)) * vae.config.scaling_factor
+        return to_pil(decode(vae, latents)), [r.expressive or "" for r in recs]
+
+    return edit
+
+
+def edit_all(editor, rows: dict[str, dict], out_dir: Path, batch: int, progress: bool) -> dict[str, str]:
+    """Edit every row not cached yet with ``editor``; returns ``{id: expressive}`` for all rows."""
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,10 +89,8 @@ def edit_all(
                                                              desc="edit", disable=not progress) as bar:  # fmt: skip
         for k in range(0, len(todo), batch):
             ids = todo[k : k + batch]
-            recs = [rows[i]["record"] for i in ids]
-            result = pipe([r.source.load() for r in recs], [r.instruction for r in recs], steps=steps, seed=seed,
-                          progress=False)  # fmt: skip
-            for i, img, text in zip(ids, result.images, result.expressive):
+            images, texts = editor([rows[i]["record"] for i in ids])
+            for i, img, text in zip(ids, images, texts):
                 tmp = out_dir / f".{_file_id(i)}.png"
                 img.save(tmp, format="PNG")
                 os.replace(tmp, out_dir / f"{_file_id(i)}.png")
@@ -170,6 +193,8 @@ def build_parser() -> Parser:
     p.add_argument("--grid", type=ranged(int, 0, 1000), default=16, help="rows in the PNG grid")
     p.add_argument("--clip", help="CLIP folder (e.g. openai/clip-vit-base-patch32) for CLIP-I/CLIP-T")
     p.add_argument("--dino", help="DINO ViT folder (e.g. facebook/dino-vits16) for DINO")
+    p.add_argument("--oracle", choices=["vae"], help="score the VAE's reconstructions of the targets instead "
+                   "(the ceiling of any model on this VAE)")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -177,7 +202,6 @@ def build_parser() -> Parser:
 
 def run(args) -> int:
     """Evaluate and write the report, the grid and the cached outputs."""
-    import torch
 
     from mgie.pipeline import MGIEPipeline
     from mgie.utils import resolve_device
@@ -194,7 +218,11 @@ def run(args) -> int:
     device = resolve_device(args.device)
     pipe = MGIEPipeline.from_pretrained(args.checkpoint, device=str(device), dtype=torch.float32)
     out_dir = report_path.with_name(report_path.stem + "_outputs")
-    expressive = edit_all(pipe, rows, out_dir, args.batch_size, args.steps, args.seed, not args.quiet)
+    if args.oracle == "vae":
+        editor = vae_oracle(pipe.model.vae)
+    else:
+        editor = pipeline_editor(pipe, args.steps, args.seed)
+    expressive = edit_all(editor, rows, out_dir, args.batch_size, not args.quiet)
     report = score(rows, out_dir, expressive, args.clip, args.dino)
     report.update(
         checkpoint=str(args.checkpoint), data=str(data), steps=args.steps or pipe.cfg.inference.steps

@@ -64,3 +64,34 @@ def test_evaluate_bad_input(tmp_path, capsys):
         == 2
     )
     assert capsys.readouterr().err.startswith("error: manifest not found")
+
+
+def test_vae_oracle_scores_reconstructions_of_the_targets(tmp_path, tiny_cfg, tokenizer):
+    make_model(tiny_cfg, tokenizer, adapters=False).save_pretrained(tmp_path / "ckpt")
+    assert (
+        shapes.main(
+            ["--out", str(tmp_path / "world"), "--n", "3", "--seed", "2", "--split", "test", "--quiet"]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(tmp_path / "ckpt"),
+                "--data",
+                str(tmp_path / "world"),
+                "--out",
+                str(tmp_path / "oracle.json"),
+                "--oracle",
+                "vae",
+                "--quiet",
+                "--grid",
+                "0",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "oracle.json").read_text())
+    assert report["expressive"]["exact_match"] == 1.0  # the oracle reports the true texts
+    assert report["n"] == 3 and "edit_success" in report

@@ -746,6 +746,13 @@ def llava_v1_plan(shapes: Mapping[str, Shapes], cfg) -> Plan:
                 raise ConversionError(f"llava:{k} has {s[0]} rows; expected {base + 3} (base vocabulary + 3)")
             lm[name] = append_mean("llava", k, s, n_img)
     notes = [f"{n_img} new [IMG] rows (embeddings and LM head) = mean of the existing rows"]
+    return _untrained_plan(cfg, lm, unet, vae, [llava, clip], notes)
+
+
+def _untrained_plan(
+    cfg, lm: dict[str, Op], unet: _Pool, vae: _Pool, sources: list[_Pool], notes: list[str]
+) -> Plan:
+    """The plan of an untrained starting point: mapped LLM, fresh edit head, UNet and VAE, checked."""
     expected = target_shapes(cfg)
     parts = {
         "mllm": lm,
@@ -753,7 +760,7 @@ def llava_v1_plan(shapes: Mapping[str, Shapes], cfg) -> Plan:
         "unet": _map_unet(unet, cfg.model.diffusion.unet.in_channels, notes),
         "vae": _map_diffusers(vae, _vae_key),
     }
-    plan = Plan(parts, _finish([llava, clip, unet, vae]), notes)
+    plan = Plan(parts, _finish([*sources, unet, vae]), notes)
     check_plan(plan, expected)
     return plan
 
@@ -786,16 +793,7 @@ def llava_hf_plan(shapes: Mapping[str, Shapes], cfg) -> Plan:
         else:
             lm[name] = take("llava-hf", k, s)
     notes = [f"{n_new} new token rows (embeddings and LM head) = mean of the existing rows"]
-    expected = target_shapes(cfg)
-    parts = {
-        "mllm": lm,
-        "edit_head": _fresh_edit_head(expected),
-        "unet": _map_unet(unet, cfg.model.diffusion.unet.in_channels, notes),
-        "vae": _map_diffusers(vae, _vae_key),
-    }
-    plan = Plan(parts, _finish([src, unet, vae]), notes)
-    check_plan(plan, expected)
-    return plan
+    return _untrained_plan(cfg, lm, unet, vae, [src], notes)
 
 
 # ----------------------------------------------------------------------------- reading sources

@@ -166,7 +166,7 @@ class NoiseConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"  # sample = x0
 
 
 @dataclass

@@ -105,6 +105,7 @@ SCHEDULERS = {
     "lms": "LMSDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
 }
+NO_X0 = {"EulerAncestralDiscreteScheduler", "PNDMScheduler"}  # diffusers raises on prediction_type="sample"
 
 
 def sampling_scheduler(name: str, cfg: NoiseConfig):
@@ -116,6 +117,10 @@ def sampling_scheduler(name: str, cfg: NoiseConfig):
     if cls is None or not cls_name.endswith("Scheduler"):
         raise ValueError(
             f"unknown scheduler {name!r}; use one of {sorted(SCHEDULERS)} or a diffusers class name"
+        )
+    if cfg.prediction_type == "sample" and cls_name in NO_X0:
+        raise ValueError(
+            f"scheduler {name!r} cannot sample a model that predicts x0; use ddim, euler or dpm++"
         )
     return cls.from_config(noise_scheduler(cfg).config)
 
@@ -174,8 +179,11 @@ def edit_loss(
     source = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
     unet_in = torch.cat([noisy, source], dim=1).to(unet.dtype)  # (B, 8, h, w)
     pred = unet(unet_in, t, encoder_hidden_states=cond.to(unet.dtype)).sample
-    if scheduler.config.prediction_type == "epsilon":
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
         target = noise
+    elif kind == "sample":  # x0: the clean target latent
+        target = target_latents
     else:
         target = scheduler.get_velocity(target_latents, noise, t)
     return F.mse_loss(pred.float(), target.float())
@@ -193,7 +201,7 @@ def guided_noise(
 ) -> torch.Tensor:
     """Three-way classifier-free guidance of IP2P (diffusers IP2P pipeline, L441-447).
 
-    ``eps = e(0,0) + s_T (e(img,txt) - e(img,0)) + s_I (e(img,0) - e(0,0))``, one UNet call on
+    Applies to whatever the UNet predicts (noise, velocity or x0): ``eps = e(0,0) + s_T (e(img,txt) - e(img,0)) + s_I (e(img,0) - e(0,0))``, one UNet call on
     the batch ``[cond|img, null|img, null|0]``. ``latents`` are already scheduler-scaled.
     """
     x = torch.cat([latents] * 3)  # (3B, 4, h, w)

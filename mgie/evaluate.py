@@ -195,6 +195,8 @@ def build_parser() -> Parser:
     p.add_argument("--dino", help="DINO ViT folder (e.g. facebook/dino-vits16) for DINO")
     p.add_argument("--oracle", choices=["vae"], help="score the VAE's reconstructions of the targets instead "
                    "(the ceiling of any model on this VAE)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of the checkpoint's config, e.g. inference.guidance=2")  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -203,6 +205,7 @@ def build_parser() -> Parser:
 def run(args) -> int:
     """Evaluate and write the report, the grid and the cached outputs."""
 
+    from mgie.config import to_dict
     from mgie.pipeline import MGIEPipeline
     from mgie.utils import resolve_device
 
@@ -216,7 +219,7 @@ def run(args) -> int:
     if args.limit:
         rows = dict(list(rows.items())[: args.limit])
     device = resolve_device(args.device)
-    pipe = MGIEPipeline.from_pretrained(args.checkpoint, device=str(device), dtype=torch.float32)
+    pipe = MGIEPipeline.from_pretrained(args.checkpoint, str(device), torch.float32, args.set)
     out_dir = report_path.with_name(report_path.stem + "_outputs")
     if args.oracle == "vae":
         editor = vae_oracle(pipe.model.vae)
@@ -225,7 +228,11 @@ def run(args) -> int:
     expressive = edit_all(editor, rows, out_dir, args.batch_size, not args.quiet)
     report = score(rows, out_dir, expressive, args.clip, args.dino)
     report.update(
-        checkpoint=str(args.checkpoint), data=str(data), steps=args.steps or pipe.cfg.inference.steps
+        checkpoint=str(args.checkpoint),
+        data=str(data),
+        steps=args.steps or pipe.cfg.inference.steps,
+        inference=to_dict(pipe.cfg.inference),
+        overrides=args.set,
     )
     if args.grid:
         grid(rows, out_dir, expressive, report_path.with_suffix(".png"), args.grid)

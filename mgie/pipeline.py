@@ -50,9 +50,11 @@ class MGIEPipeline:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
-        """Load a checkpoint folder onto ``device``."""
-        return cls(MGIEModel.from_pretrained(path, dtype=dtype).to(device))
+    def from_pretrained(
+        cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, overrides=None
+    ):
+        """Load a checkpoint folder onto ``device``; ``overrides`` are ``key=value`` config settings."""
+        return cls(MGIEModel.from_pretrained(path, dtype=dtype, overrides=overrides).to(device))
 
     # ------------------------------------------------------------------ MLLM side
 

@@ -21,6 +21,7 @@ from mgie.config import (
     MGIEConfig,
     MLLMConfig,
     ModelConfig,
+    NoiseConfig,
     TextConfig,
     UNetConfig,
     VAEConfig,
@@ -90,7 +91,10 @@ def mgie_shapes() -> MGIEConfig:
 
     64 px images: a 4-layer CLIP-style ViT (patch 8: 64 image tokens), a 4-layer Llama (hidden
     256) over a 512-piece SentencePiece vocabulary trained on the world's text, 8 [IMG] tokens,
-    a 2+2-layer edit head, and a 3-level UNet on the 32 x 32 x 4 latents of a factor-2 VAE.
+    a 2+2-layer edit head, and a 3-level UNet on the 32 x 32 x 8 latents of a factor-2 VAE.
+    The UNet predicts the clean latent (``prediction_type="sample"``): in a world where the edit
+    is a deterministic function of image and instruction this trains several times faster on a
+    CPU than noise prediction, and a few DDIM steps sample it.
     """
     mllm = MLLMConfig(
         vision=VisionConfig(
@@ -106,14 +110,16 @@ def mgie_shapes() -> MGIEConfig:
     )  # fmt: skip
     diffusion = DiffusionConfig(
         unet=UNetConfig(
-            sample_size=32, block_out_channels=[64, 128, 128], layers_per_block=1, attention_head_dim=8,
+            in_channels=16, out_channels=8, sample_size=32, block_out_channels=[32, 64, 128], layers_per_block=1,
+            attention_head_dim=8,
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=128,
         ),
         vae=VAEConfig(
-            block_out_channels=[32, 64], layers_per_block=1, sample_size=64, scaling_factor=1.0,
-            mid_block_attention=False,
+            block_out_channels=[32, 64], layers_per_block=1, latent_channels=8, sample_size=64,
+            scaling_factor=1.0, mid_block_attention=False,
         ),
+        noise=NoiseConfig(prediction_type="sample"),
     )  # fmt: skip
     model = ModelConfig(
         mllm=mllm,
@@ -128,7 +134,9 @@ def mgie_shapes() -> MGIEConfig:
         ),
         diffusion=diffusion,
     )
-    inference = InferenceConfig(steps=20, max_new_tokens=32, max_side=64)
+    inference = InferenceConfig(
+        steps=10, scheduler="ddim", max_new_tokens=32, max_side=64, no_repeat_ngram_size=0
+    )
     data = DataConfig(dataset="shapes", crop_side=0, resolution=64, max_expressive_tokens=32)
     return MGIEConfig(model=model, inference=inference, data=data)
 

@@ -56,7 +56,7 @@ def test_end_to_end_on_a_real_jpeg_subprocess(tmp_path):
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr
-    assert "untrained" in proc.stderr and "Traceback" not in proc.stderr
+    assert "untrained" not in proc.stderr and "Traceback" not in proc.stderr  # the embedded mgie-shapes
     assert proc.stdout.count("\n") == 1  # the expressive instruction, one line
     with Image.open(out) as im, Image.open(src) as orig:
         assert im.size == orig.size and im.mode == "RGB"
@@ -238,3 +238,13 @@ def test_set_overrides_the_checkpoint_config_4bit(tmp_path, capsys, tiny_cfg, to
         *FAST,
     )
     assert code == 2 and "unknown config key" in error_line(err)
+
+
+def test_without_the_embedded_model_the_untrained_tiny_preset_runs_and_says_so(tmp_path, capsys, monkeypatch):
+    import mgie.edit
+
+    monkeypatch.setattr(mgie.edit, "EMBEDDED", tmp_path / "absent")
+    src = tmp_path / "in.png"
+    random_image(40, 30).save(src)
+    code, out, err = run_cli(capsys, "--image", str(src), "--instruction", "make it dark", *FAST)
+    assert code == 0 and "untrained" in err and (tmp_path / "in_mgie.png").is_file()

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
@@ -27,17 +29,19 @@ def parts(tiny_cfg):
 
 
 @pytest.mark.parametrize(
-    "scheduler, guidance, image_guidance",
+    "scheduler, guidance, image_guidance, kind",
     [
-        ("euler_ancestral", 7.5, 1.5),
-        ("euler_ancestral", 3.0, 1.2),
-        ("ddim", 7.5, 1.5),
+        ("euler_ancestral", 7.5, 1.5, "epsilon"),
+        ("euler_ancestral", 3.0, 1.2, "epsilon"),
+        ("ddim", 7.5, 1.5, "epsilon"),
+        ("euler", 2.0, 1.5, "sample"),  # euler_ancestral has no x0 mode in diffusers
+        ("ddim", 2.0, 1.5, "sample"),
     ],
 )
-def test_sampler_matches_diffusers_pipeline(parts, tiny_cfg, scheduler, guidance, image_guidance):
+def test_sampler_matches_diffusers_pipeline(parts, tiny_cfg, scheduler, guidance, image_guidance, kind):
     """Same UNet, VAE, scheduler, seed and embeddings: our loop == diffusers' IP2P pipeline."""
     unet, vae = parts
-    noise = tiny_cfg.model.diffusion.noise
+    noise = replace(tiny_cfg.model.diffusion.noise, prediction_type=kind)
     g = torch.Generator().manual_seed(1)
     cond = torch.randn(2, 16, 32, generator=g)  # (B, Q, C)
     null = torch.randn(1, 16, 32, generator=g)
@@ -118,10 +122,12 @@ def test_dropout_masks_partition_and_rates():
         assert abs(float(r) - 0.05) < 0.003
 
 
-def test_edit_loss_matches_manual_computation(parts, tiny_cfg):
-    """The loss equals an independent recomputation from the same random draws (float64 add_noise)."""
+@pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
+def test_edit_loss_matches_manual_computation(parts, tiny_cfg, kind):
+    """The loss equals an independent recomputation from the same random draws (float64 add_noise),
+    for each prediction type: noise, the clean latent x0, or v = sqrt(abar) noise - sqrt(1 - abar) x0."""
     unet, _ = parts
-    sched = noise_scheduler(tiny_cfg.model.diffusion.noise)
+    sched = noise_scheduler(replace(tiny_cfg.model.diffusion.noise, prediction_type=kind))
     g = torch.Generator().manual_seed(3)
     tgt, src = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
     cond, null = torch.randn(4, 16, 32, generator=g), torch.randn(1, 16, 32, generator=g)
@@ -139,7 +145,9 @@ def test_edit_loss_matches_manual_computation(parts, tiny_cfg):
     s = src * (~((u >= 0.25) & (u < 0.75))).float()[:, None, None, None]
     with torch.no_grad():
         pred = unet(torch.cat([noisy, s], 1), t, c).sample
-    torch.testing.assert_close(loss, ((pred - noise) ** 2).mean(), rtol=1e-4, atol=1e-5)
+    v = (abar.sqrt() * noise.double() - (1 - abar).sqrt() * tgt.double()).float()
+    want = {"epsilon": noise, "sample": tgt, "v_prediction": v}[kind]
+    torch.testing.assert_close(loss, ((pred - want) ** 2).mean(), rtol=1e-4, atol=1e-5)
 
 
 def test_scheduler_by_name_and_error():
@@ -150,6 +158,8 @@ def test_scheduler_by_name_and_error():
     assert s.config.beta_schedule == "scaled_linear" and s.config.num_train_timesteps == 1000
     with pytest.raises(ValueError, match="unknown scheduler"):
         sampling_scheduler("nope", noise)
+    with pytest.raises(ValueError, match="cannot sample a model that predicts x0"):
+        sampling_scheduler("euler_ancestral", NoiseConfig(prediction_type="sample"))
 
 
 def test_image_tensor_round_trip():

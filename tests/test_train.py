@@ -184,6 +184,34 @@ def test_single_process_trains_checkpoints_and_exports(tmp_path, manifest, capsy
     for k, v in exported.unet.state_dict().items():
         assert torch.equal(v, unet[k]), k
 
+    # float16 export with a fine-tuned decoder swapped in: weights are the trained ones rounded
+    # to float16, except the decoder; a VAE with another encoder is refused.
+    vae = exported.vae
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(1.0)
+    vae.save_pretrained(tmp_path / "dec")
+    args = [
+        "--run",
+        str(run),
+        "--out",
+        str(tmp_path / "half"),
+        "--dtype",
+        "float16",
+        "--vae",
+        str(tmp_path / "dec"),
+    ]
+    assert export_main(args) == 0, capsys.readouterr().err
+    half = MGIEModel.from_pretrained(tmp_path / "half")
+    for k, v in half.unet.state_dict().items():
+        assert torch.equal(v, unet[k].half().float()), k
+    torch.testing.assert_close(half.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias.half().float())
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(1.0)
+    vae.save_pretrained(tmp_path / "enc")
+    capsys.readouterr()
+    args[3], args[-1] = str(tmp_path / "bad"), str(tmp_path / "enc")
+    assert export_main(args) == 2 and "encoder differs" in capsys.readouterr().err
+
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, manifest):
     full = tmp_path / "full"

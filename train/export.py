@@ -35,8 +35,23 @@ def training_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
 
 
-def export(run_dir: Path, out: Path, tag: str | None = None, keep_adapter: bool = False) -> Path:
-    """Rebuild the model of ``run_dir``, load checkpoint ``tag`` (default: latest), save to ``out``."""
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export(
+    run_dir: Path,
+    out: Path,
+    tag: str | None = None,
+    keep_adapter: bool = False,
+    dtype: str = "float32",
+    vae: Path | None = None,
+) -> Path:
+    """Rebuild the model of ``run_dir``, load checkpoint ``tag`` (default: latest), save to ``out``
+    with its weights in ``dtype`` (``float16`` halves the folder; loading casts back).
+
+    ``vae``: a VAE folder whose decoder replaces the trained one (``train/vae.py --init``); its
+    encoder must be the one the UNet was trained with, so the latents keep their meaning.
+    """
     from transformers import AutoTokenizer
 
     from mgie.model import MGIEModel
@@ -59,8 +74,29 @@ def export(run_dir: Path, out: Path, tag: str | None = None, keep_adapter: bool 
             raise ValueError(
                 f"checkpoint {tag} does not fit the run's config: {str(e).splitlines()[0]}"
             ) from None
-    model.save_pretrained(out, merge_adapters=not keep_adapter)
+    if vae is not None:
+        swap_decoder(model, vae)
+    model.to(DTYPES[dtype]).save_pretrained(out, merge_adapters=not keep_adapter)
     return out
+
+
+def swap_decoder(model, path: Path) -> None:
+    """Load the VAE at ``path`` into ``model.vae``; ``ValueError`` unless its encoder (and
+    scaling factor) are exactly the model's, i.e. only the decoder was fine-tuned."""
+    from diffusers import AutoencoderKL
+
+    from mgie.model import load_diffusers
+
+    new = load_diffusers(AutoencoderKL, path, torch.float32)
+    old = model.vae.state_dict()
+    same = new.config.scaling_factor == model.vae.config.scaling_factor and all(
+        torch.equal(v, old[k].float())
+        for k, v in new.state_dict().items()
+        if k.startswith(("encoder.", "quant_conv."))
+    )
+    if not same:
+        raise ValueError(f"{path}: its encoder differs from the one the UNet was trained with")
+    model.vae.load_state_dict(new.state_dict())
 
 
 def _kbit_run_model(cfg, state: dict):
@@ -92,10 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep-adapter", action="store_true", help="keep LoRA as a peft adapter instead of merging"
     )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument("--vae", help="VAE folder with a fine-tuned decoder (train/vae.py --init) to ship instead")
     args = p.parse_args(argv)
 
     def run() -> int:
-        out = export(Path(args.run), Path(args.out), args.tag, args.keep_adapter)
+        vae = Path(args.vae) if args.vae else None
+        out = export(Path(args.run), Path(args.out), args.tag, args.keep_adapter, args.dtype, vae)
         print(f"exported {args.run} -> {out}")
         return 0
 

@@ -40,40 +40,58 @@ class Images(Dataset):
         return to_tensor([center_square(self.items[i].load(), self.side)])[0]
 
 
-def train_vae(cfg, out: Path, steps: int, batch: int, lr: float, kl_weight: float, log) -> float:
-    """Train, set the scaling factor, save; returns the final reconstruction L1 (in [0, 1] units)."""
+def train_vae(
+    cfg, out: Path, steps: int, batch: int, lr: float, kl_weight: float, log, init: Path | None = None
+) -> float:
+    """Train, set the scaling factor, save; returns the final reconstruction L1 (in [0, 1] units).
+
+    With ``init`` (a trained VAE folder) only the decoder trains: the encoder, hence every latent
+    a UNet was trained on, and the scaling factor stay as they are (SD's ft-MSE decoders did this).
+    """
+    from diffusers import AutoencoderKL
+
     from mgie.data.formats import load_records
     from mgie.diffusion import build_vae
+    from mgie.model import load_diffusers
 
     seed_everything(cfg.train.seed)
     data = Images(load_records(cfg.data.dataset, cfg.data.path, cfg.data.split), cfg.data.resolution)
     loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True, num_workers=cfg.data.num_workers,
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
-    vae = build_vae(cfg.model.diffusion.vae).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    if init is None:
+        vae = build_vae(cfg.model.diffusion.vae).train()
+    else:
+        vae = load_diffusers(AutoencoderKL, init, torch.float32).train()
+        for module in (vae.encoder, vae.quant_conv):
+            module.requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     step, t0, rec_l1 = 0, time.perf_counter(), float("nan")
     while step < steps:
         for x in loader:
-            post = vae.encode(x).latent_dist
+            with torch.set_grad_enabled(init is None):
+                post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             l1 = (rec - x).abs().mean()
-            loss = l1 + ((rec - x) ** 2).mean() + kl_weight * post.kl().mean() / x[0].numel()
+            loss = l1 + ((rec - x) ** 2).mean()
+            if init is None:
+                loss = loss + kl_weight * post.kl().mean() / x[0].numel()
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             step += 1
-            rec_l1 = float(l1) / 2  # [-1, 1] -> [0, 1] units
+            rec_l1 = float(l1.detach()) / 2  # [-1, 1] -> [0, 1] units
             if step % 50 == 0 or step == steps:
                 rate = step * batch / (time.perf_counter() - t0)
                 log.info("vae step %d/%d L1 %.4f (0-1 units) | %.1f images/s", step, steps, rec_l1, rate)
             if step >= steps:
                 break
     vae.eval()
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(x).latent_dist.mode() for x, _ in zip(loader, range(8))])
-    vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
+    if init is None:
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x).latent_dist.mode() for x, _ in zip(loader, range(8))])
+        vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
     vae.save_pretrained(out)
     log.info("saved %s (scaling factor %.4f)", out, vae.config.scaling_factor)
     return rec_l1
@@ -89,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=ranged(int, 1, 4096), default=32)
     p.add_argument("--lr", type=ranged(float, 1e-7, 1.0), default=2e-3)
     p.add_argument("--kl-weight", type=ranged(float, 0.0, 1.0), default=1e-3)
+    p.add_argument("--init", help="a trained VAE folder: fine-tune its decoder only (latents unchanged)")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.init and out.resolve() == Path(args.init).resolve():
+        p.error("--out must differ from --init (the trained VAE is never overwritten)")
     log = get_logger("mgie.vae", None, 0, sys.stdout)
+    init = Path(args.init) if args.init else None
     return run_command(lambda: train_vae(load_config(args.config, args.set), out, args.steps, args.batch_size,
-                                         args.lr, args.kl_weight, log) and 0)  # fmt: skip
+                                         args.lr, args.kl_weight, log, init) and 0)  # fmt: skip
 
 
 if __name__ == "__main__":

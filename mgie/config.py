@@ -167,6 +167,10 @@ class NoiseConfig:
     beta_end: float = 0.012
     beta_schedule: Literal["scaled_linear", "linear", "squaredcos_cap_v2"] = "scaled_linear"
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"  # sample = x0
+    # Zero terminal SNR (Lin et al. 2024): the last training step is pure noise, so the sampler's
+    # pure-noise start is in distribution (needs v or x0 prediction and "trailing" spacing).
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
 
 
 @dataclass
@@ -425,6 +429,11 @@ def validate(cfg: MGIEConfig) -> None:
         raise ConfigError("model.mllm.vision.image_size must be a multiple of patch_size")
     if m.diffusion.unet.in_channels != 2 * m.diffusion.vae.latent_channels:
         raise ConfigError("model.diffusion.unet.in_channels must be 2 x vae.latent_channels (IP2P layout)")
+    noise = m.diffusion.noise
+    if noise.rescale_betas_zero_snr and noise.prediction_type == "epsilon":
+        raise ConfigError(
+            "model.diffusion.noise.rescale_betas_zero_snr needs prediction_type sample or v_prediction"
+        )
 
 
 def save_config(cfg: MGIEConfig, path: str | Path) -> None:

@@ -91,6 +91,8 @@ def noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
         beta_schedule=cfg.beta_schedule,
         prediction_type=cfg.prediction_type,
         clip_sample=False,
+        rescale_betas_zero_snr=cfg.rescale_betas_zero_snr,
+        timestep_spacing=cfg.timestep_spacing,
     )
 
 

@@ -119,7 +119,7 @@ def mgie_shapes() -> MGIEConfig:
             block_out_channels=[32, 64], layers_per_block=1, latent_channels=8, sample_size=64,
             scaling_factor=1.0, mid_block_attention=False,
         ),
-        noise=NoiseConfig(prediction_type="sample"),
+        noise=NoiseConfig(prediction_type="sample", rescale_betas_zero_snr=True, timestep_spacing="trailing"),
     )  # fmt: skip
     model = ModelConfig(
         mllm=mllm,

@@ -88,3 +88,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
     f.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(f)
+
+
+def test_zero_snr_needs_a_non_epsilon_prediction():
+    with pytest.raises(ConfigError, match="rescale_betas_zero_snr"):
+        load_config(None, ["model.diffusion.noise.rescale_betas_zero_snr=true"])
+    cfg = load_config(None, ["model.diffusion.noise.rescale_betas_zero_snr=true",
+                             "model.diffusion.noise.prediction_type=sample"])  # fmt: skip
+    assert cfg.model.diffusion.noise.rescale_betas_zero_snr is True

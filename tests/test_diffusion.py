@@ -36,12 +36,19 @@ def parts(tiny_cfg):
         ("ddim", 7.5, 1.5, "epsilon"),
         ("euler", 2.0, 1.5, "sample"),  # euler_ancestral has no x0 mode in diffusers
         ("ddim", 2.0, 1.5, "sample"),
+        ("ddim", 2.0, 1.5, "sample-zero-snr"),
     ],
 )
 def test_sampler_matches_diffusers_pipeline(parts, tiny_cfg, scheduler, guidance, image_guidance, kind):
     """Same UNet, VAE, scheduler, seed and embeddings: our loop == diffusers' IP2P pipeline."""
     unet, vae = parts
-    noise = replace(tiny_cfg.model.diffusion.noise, prediction_type=kind)
+    zero_snr = kind.endswith("-zero-snr")
+    noise = replace(
+        tiny_cfg.model.diffusion.noise,
+        prediction_type=kind.removesuffix("-zero-snr"),
+        rescale_betas_zero_snr=zero_snr,
+        timestep_spacing="trailing" if zero_snr else "leading",
+    )
     g = torch.Generator().manual_seed(1)
     cond = torch.randn(2, 16, 32, generator=g)  # (B, Q, C)
     null = torch.randn(1, 16, 32, generator=g)
@@ -167,3 +174,17 @@ def test_image_tensor_round_trip():
     x = to_tensor([img])
     assert x.shape == (1, 3, 8, 16) and x.min() >= -1 and x.max() <= 1
     assert to_pil((x + 1) / 2)[0].tobytes() == img.tobytes()
+
+
+def test_zero_terminal_snr_schedule_ends_in_pure_noise():
+    cfg = NoiseConfig(prediction_type="sample", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    train = noise_scheduler(cfg)
+    assert (
+        float(train.alphas_cumprod[-1]) < 1e-6
+        and float(noise_scheduler(NoiseConfig()).alphas_cumprod[-1]) > 1e-3
+    )
+    x0, noise = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    torch.testing.assert_close(train.add_noise(x0, noise, torch.tensor([999, 999])), noise, atol=1e-3, rtol=0)
+    sampler = sampling_scheduler("ddim", cfg)
+    sampler.set_timesteps(10)
+    assert int(sampler.timesteps[0]) == 999  # sampling starts where training saw pure noise

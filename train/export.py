@@ -81,20 +81,16 @@ def export(
 
 
 def swap_decoder(model, path: Path) -> None:
-    """Load the VAE at ``path`` into ``model.vae``; ``ValueError`` unless its encoder (and
-    scaling factor) are exactly the model's, i.e. only the decoder was fine-tuned."""
+    """Load the VAE weights at ``path`` into ``model.vae``; ``ValueError`` unless its encoder is
+    exactly the model's, i.e. only the decoder was fine-tuned. The model's scaling factor stays."""
     from diffusers import AutoencoderKL
 
     from mgie.model import load_diffusers
 
     new = load_diffusers(AutoencoderKL, path, torch.float32)
     old = model.vae.state_dict()
-    same = new.config.scaling_factor == model.vae.config.scaling_factor and all(
-        torch.equal(v, old[k].float())
-        for k, v in new.state_dict().items()
-        if k.startswith(("encoder.", "quant_conv."))
-    )
-    if not same:
+    encoder = ("encoder.", "quant_conv.")
+    if not all(torch.equal(v, old[k].float()) for k, v in new.state_dict().items() if k.startswith(encoder)):
         raise ValueError(f"{path}: its encoder differs from the one the UNet was trained with")
     model.vae.load_state_dict(new.state_dict())
 

@@ -175,9 +175,12 @@ def build_model(cfg: MGIEConfig):
 
             from mgie.model import load_diffusers
 
-            model.vae.load_state_dict(
-                load_diffusers(AutoencoderKL, Path(cfg.train.init_vae), torch.float32).state_dict()
-            )
+            vae = load_diffusers(AutoencoderKL, Path(cfg.train.init_vae), torch.float32)
+            model.vae.load_state_dict(vae.state_dict())  # weights only: the config keeps its scaling factor
+            if vae.config.scaling_factor != cfg.model.diffusion.vae.scaling_factor:
+                get_logger("mgie.train").warning(
+                    "train.init_vae: using model.diffusion.vae.scaling_factor=%g from the config, not the "
+                    "folder's %g", cfg.model.diffusion.vae.scaling_factor, vae.config.scaling_factor)  # fmt: skip
     if not cfg.train.train_unet:
         model.unet.requires_grad_(False)
     return model

@@ -48,6 +48,14 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     assert main(args) == 0  # resumes: nothing is edited again
     assert {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == stamps
 
+    from train.record_metrics import main as record
+
+    assert record(["--model", str(tmp_path / "ckpt"), f"ci_subset={tmp_path / 'report.json'}"]) == 0
+    kept = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["ci_subset"]
+    assert kept["n"] == 6 and kept["edit_success"] == success["all"]["rate"] and kept["split"] == "test"
+    assert kept["expressive_exact"] == report["expressive"]["exact_match"] and "ssim" in kept["metrics"]
+    assert record(["--model", str(tmp_path / "ckpt"), "oops"]) == 2
+
 
 def test_evaluate_bad_input(tmp_path, capsys):
     assert (

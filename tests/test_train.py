@@ -197,11 +197,14 @@ def test_single_process_trains_checkpoints_and_exports(tmp_path, manifest, capsy
         str(tmp_path / "half"),
         "--dtype",
         "float16",
+        "--set",
+        "inference.steps=7",
         "--vae",
         str(tmp_path / "dec"),
     ]
     assert export_main(args) == 0, capsys.readouterr().err
     half = MGIEModel.from_pretrained(tmp_path / "half")
+    assert half.cfg.inference.steps == 7
     for k, v in half.unet.state_dict().items():
         assert torch.equal(v, unet[k].half().float()), k
     torch.testing.assert_close(half.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias.half().float())

@@ -45,12 +45,14 @@ def export(
     keep_adapter: bool = False,
     dtype: str = "float32",
     vae: Path | None = None,
+    overrides: list[str] | None = None,
 ) -> Path:
     """Rebuild the model of ``run_dir``, load checkpoint ``tag`` (default: latest), save to ``out``
     with its weights in ``dtype`` (``float16`` halves the folder; loading casts back).
 
     ``vae``: a VAE folder whose decoder replaces the trained one (``train/vae.py --init``); its
     encoder must be the one the UNet was trained with, so the latents keep their meaning.
+    ``overrides``: ``key=value`` settings of the saved config (e.g. tuned ``inference.*`` defaults).
     """
     from transformers import AutoTokenizer
 
@@ -62,7 +64,7 @@ def export(
         raise ValueError(f"no checkpoint {tag or '(latest)'} in {ckpt_dir}")
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", overrides)
     state = training_state(ckpt_dir, tag)
     if cfg.model.quantization.bits:
         model = _kbit_run_model(cfg, state)
@@ -125,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-adapter", action="store_true", help="keep LoRA as a peft adapter instead of merging"
     )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config setting"
+    )
     p.add_argument("--vae", help="VAE folder with a fine-tuned decoder (train/vae.py --init) to ship instead")
     args = p.parse_args(argv)
 
     def run() -> int:
         vae = Path(args.vae) if args.vae else None
-        out = export(Path(args.run), Path(args.out), args.tag, args.keep_adapter, args.dtype, vae)
+        out = export(Path(args.run), Path(args.out), args.tag, args.keep_adapter, args.dtype, vae, args.set)
         print(f"exported {args.run} -> {out}")
         return 0
 

@@ -150,6 +150,10 @@ def run(args: argparse.Namespace) -> int:
     from mgie.model import MGIEModel
     from mgie.pipeline import MGIEPipeline
 
+    if args.quiet or not args.checkpoint:  # the embedded model loads in a blink: no loading bar
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     if args.checkpoint:
         model = MGIEModel.from_pretrained(args.checkpoint, dtype=dtype, overrides=args.set)

@@ -135,7 +135,12 @@ def mgie_shapes() -> MGIEConfig:
         diffusion=diffusion,
     )
     inference = InferenceConfig(
-        steps=10, guidance=1.5, image_guidance=2.0, scheduler="ddim", max_new_tokens=32, max_side=64,
+        steps=10,
+        guidance=1.5,
+        image_guidance=2.0,
+        scheduler="ddim",
+        max_new_tokens=32,
+        max_side=64,
         no_repeat_ngram_size=0,
     )
     data = DataConfig(dataset="shapes", crop_side=0, resolution=64, max_expressive_tokens=32)

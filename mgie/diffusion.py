@@ -203,8 +203,9 @@ def guided_noise(
 ) -> torch.Tensor:
     """Three-way classifier-free guidance of IP2P (diffusers IP2P pipeline, L441-447).
 
-    Applies to whatever the UNet predicts (noise, velocity or x0): ``eps = e(0,0) + s_T (e(img,txt) - e(img,0)) + s_I (e(img,0) - e(0,0))``, one UNet call on
-    the batch ``[cond|img, null|img, null|0]``. ``latents`` are already scheduler-scaled.
+    ``eps = e(0,0) + s_T (e(img,txt) - e(img,0)) + s_I (e(img,0) - e(0,0))``, one UNet call on
+    the batch ``[cond|img, null|img, null|0]``; it combines whatever the UNet predicts (noise,
+    velocity or x0) the same way. ``latents`` are already scheduler-scaled.
     """
     x = torch.cat([latents] * 3)  # (3B, 4, h, w)
     img = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # (3B, 4, h, w)

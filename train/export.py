@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 from mgie.cli import Parser, run_command  # noqa: E402
 from mgie.config import load_config  # noqa: E402
+from mgie.utils import torch_dtype  # noqa: E402
 from train.checkpoint import latest_tag  # noqa: E402
 
 
@@ -33,9 +34,6 @@ def training_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{folder} holds no DeepSpeed model states")
     # Our own DeepSpeed checkpoint: it stores config and client state next to the tensors.
     return torch.load(states[0], map_location="cpu", weights_only=False)["module"]
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def export(
@@ -78,7 +76,7 @@ def export(
             ) from None
     if vae is not None:
         swap_decoder(model, vae)
-    model.to(DTYPES[dtype]).save_pretrained(out, merge_adapters=not keep_adapter)
+    model.to(torch_dtype(dtype)).save_pretrained(out, merge_adapters=not keep_adapter)
     return out
 
 
@@ -126,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep-adapter", action="store_true", help="keep LoRA as a peft adapter instead of merging"
     )
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="dtype of the saved weights",
+    )
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config setting"
     )

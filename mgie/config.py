@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mgie.tokens import SYSTEM
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid (unknown key, wrong type, bad value)."""
@@ -89,6 +91,7 @@ class MLLMConfig:
     trainable: Literal["adapters", "full"] = "adapters"  # adapters: LoRA + [IMG] rows; full: every weight
     use_image: bool = True  # false: the LLM never sees the image (the paper's LGIE baseline)
     expressive: bool = True  # false: no expressive text, the LLM only encodes the instruction (IP2P baseline)
+    system_prompt: str = SYSTEM  # the Vicuna v1.1 system line of the prompt; "" leaves it out
 
 
 @dataclass
@@ -191,6 +194,9 @@ class LossConfig:
     drop_text: float = 0.05  # text -> null condition only
     drop_both: float = 0.05  # text and image both null
     drop_image: float = 0.05  # image -> zero latent only
+    # Beyond the paper: latent cells the edit changes weigh 1 + change_weight in the editing loss,
+    # so that the few cells of a local edit are not drowned by the many the UNet only copies.
+    change_weight: float = 0.0
 
 
 @dataclass
@@ -245,7 +251,7 @@ class TrainConfig:
 
     output_dir: str = ""  # "" = runs/<config file name without .yaml>
     init_from: str = ""  # an MGIE checkpoint folder to start from ("" = random init from the config)
-    init_vae: str = ""  # a diffusers AutoencoderKL folder for a model built from scratch (e.g. train/vae.py)
+    init_vae: str = ""  # a diffusers AutoencoderKL folder (train/vae.py) for the model (also over init_from)
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 4  # per process
@@ -423,6 +429,8 @@ def validate(cfg: MGIEConfig) -> None:
     if m.edit_head.hidden_size % m.edit_head.num_heads:
         raise ConfigError("model.edit_head.hidden_size must be divisible by model.edit_head.num_heads")
     drops = (m.loss.drop_text, m.loss.drop_both, m.loss.drop_image)
+    if m.loss.change_weight < 0:
+        raise ConfigError(f"model.loss.change_weight must be >= 0, got {m.loss.change_weight}")
     if min(drops) < 0 or sum(drops) > 1:
         raise ConfigError(f"model.loss drop probabilities must be >= 0 and sum to <= 1, got {drops}")
     if m.mllm.vision.image_size % m.mllm.vision.patch_size:

@@ -146,6 +146,28 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
+CHANGE_TOL = (
+    0.1  # a pixel "changes" when a channel moves by more than this (in [0, 1]; as metrics.edit_success)
+)
+
+
+@torch.no_grad()
+def change_weights(source: torch.Tensor, target: torch.Tensor, factor: int, weight: float) -> torch.Tensor:
+    """Per-latent-cell loss weights: (B, 3, H, W) images in [-1, 1] -> (B, 1, H/factor, W/factor).
+
+    A cell counts as changed when any pixel it covers changes by more than ``CHANGE_TOL``, or when
+    a neighbouring cell does (the latents next to an edge also encode it). Changed cells weigh
+    ``1 + weight`` times the others, normalised to a mean of 1 per example: the weights move an
+    example's loss towards what its edit changes without scaling it (a global edit keeps weight 1
+    everywhere).
+    """
+    changed = ((target - source).abs().amax(1, keepdim=True) / 2 > CHANGE_TOL).float()  # (B, 1, H, W)
+    cells = F.max_pool2d(changed, factor, factor)  # (B, 1, h, w)
+    cells = F.max_pool2d(cells, 3, 1, padding=1)  # one cell of margin
+    w = 1.0 + weight * cells
+    return w / w.mean(dim=(1, 2, 3), keepdim=True)
+
+
 def dropout_masks(batch: int, cfg: LossConfig, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """IP2P conditioning dropout, per sample: ``(drop_text, drop_image)`` bool masks of shape (B,).
 
@@ -167,10 +189,12 @@ def edit_loss(
     null_cond: torch.Tensor,
     cfg: LossConfig,
     generator: torch.Generator | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The InstructPix2Pix denoising loss, with conditioning dropout.
 
-    ``target_latents``/``source_latents`` (B, 4, h, w); ``cond`` (B, Q, C); ``null_cond`` (1 or B, Q, C).
+    ``target_latents``/``source_latents`` (B, 4, h, w); ``cond`` (B, Q, C); ``null_cond`` (1 or B, Q, C);
+    ``weights`` (B, 1, h, w) per-cell weights of the squared error (None: the plain mean, as IP2P).
     """
     b, device = target_latents.shape[0], target_latents.device
     noise = torch.randn(target_latents.shape, device=device, dtype=target_latents.dtype, generator=generator)
@@ -188,7 +212,9 @@ def edit_loss(
         target = target_latents
     else:
         target = scheduler.get_velocity(target_latents, noise, t)
-    return F.mse_loss(pred.float(), target.float())
+    if weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    return ((pred.float() - target.float()) ** 2 * weights.float()).mean()
 
 
 def guided_noise(

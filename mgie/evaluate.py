@@ -3,10 +3,11 @@ manifest and score it.
 
 Outputs are cached beside the report (``REPORT_outputs/<id>.png`` and ``expressive.jsonl``), so
 an interrupted run resumes. The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /
-CLIP-T / DINO when ``--clip`` / ``--dino`` weights are given (else "unavailable"), LPIPS as
-unavailable (its backbone weights are not supported yet), and, for a shapes-world manifest, the
-exact edit success per kind, edit and split, and the expressive instruction's exact-match rate and
-token F1. A PNG grid shows source | target | output | expressive text for the first rows.
+CLIP-T / DINO / LPIPS when ``--clip`` / ``--dino`` / ``--lpips`` weights are given (else
+"unavailable"; LPIPS is AlexNet v0.1, a raw distance, lower is better), and, for a shapes-world
+manifest, the exact edit success per kind, edit and split, and the expressive instruction's
+exact-match rate and token F1. A PNG grid shows source | target | output | expressive text for
+the first rows.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from mgie.cli import Parser, ranged, run_command
-
-UNAVAILABLE_LPIPS = "unavailable: LPIPS backbone weights are not supported yet"
 
 
 def _rows(manifest: Path) -> dict[str, dict]:
@@ -102,10 +101,23 @@ def edit_all(editor, rows: dict[str, dict], out_dir: Path, batch: int, progress:
 
 
 def score(
-    rows: dict[str, dict], out_dir: Path, expressive: dict[str, str], clip: str | None, dino: str | None
+    rows: dict[str, dict],
+    out_dir: Path,
+    expressive: dict[str, str],
+    clip: str | None,
+    dino: str | None,
+    lpips: str | None,
 ) -> dict:
     """The report: averages of the pixel metrics, feature scores, shapes-world checks."""
-    from mgie.metrics import clip_scores, dino_score, edit_success, exact_match, pixel_metrics, token_f1
+    from mgie.metrics import (
+        clip_scores,
+        dino_score,
+        edit_success,
+        exact_match,
+        lpips_score,
+        pixel_metrics,
+        token_f1,
+    )
 
     sums: dict[str, float] = defaultdict(float)
     success: dict[str, list[bool]] = defaultdict(list)
@@ -130,7 +142,9 @@ def score(
             f1.append(token_f1(expressive[i], rec.expressive))
     n = len(rows)
     report: dict = {"n": n, "metrics": {k: v / n for k, v in sums.items()}}
-    report["metrics"]["lpips"] = UNAVAILABLE_LPIPS
+    report["metrics"]["lpips"] = (
+        lpips_score(lpips, outputs, targets) if lpips else "unavailable: pass --lpips PATH"
+    )
     if clip:
         report["metrics"].update(clip_scores(clip, outputs, targets, captions if all(captions) else None))
     else:
@@ -193,6 +207,7 @@ def build_parser() -> Parser:
     p.add_argument("--grid", type=ranged(int, 0, 1000), default=16, help="rows in the PNG grid")
     p.add_argument("--clip", help="CLIP folder (e.g. openai/clip-vit-base-patch32) for CLIP-I/CLIP-T")
     p.add_argument("--dino", help="DINO ViT folder (e.g. facebook/dino-vits16) for DINO")
+    p.add_argument("--lpips", help="folder with torchvision's AlexNet weights and LPIPS v0.1 alex.pth")
     p.add_argument("--oracle", choices=["vae"], help="score the VAE's reconstructions of the targets instead "
                    "(the ceiling of any model on this VAE)")  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -226,7 +241,7 @@ def run(args) -> int:
     else:
         editor = pipeline_editor(pipe, args.steps, args.seed)
     expressive = edit_all(editor, rows, out_dir, args.batch_size, not args.quiet)
-    report = score(rows, out_dir, expressive, args.clip, args.dino)
+    report = score(rows, out_dir, expressive, args.clip, args.dino, args.lpips)
     report.update(
         checkpoint=str(args.checkpoint),
         data=str(data),

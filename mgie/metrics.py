@@ -4,18 +4,21 @@ exact edit-success check of the shapes world.
 Pixel metrics follow the MagicBrush evaluation conventions (images in [0, 1], the output resized
 to the ground truth's size): L1, L2 (MSE), PSNR (dB), SSIM (Gaussian 11 x 11, sigma 1.5, Wang et
 al. 2004; reported in [0, 1]). CLIP-I, CLIP-T and DINO need weights a user supplies
-(``from_pretrained(path)``); without them they are reported as unavailable, never invented.
+(``from_pretrained(path)``), LPIPS (AlexNet, v0.1) a folder with its two weight files
+(:func:`load_lpips`); without them they are reported as unavailable, never invented.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 
 def as_array(img: Image.Image, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -180,3 +183,136 @@ def dino_score(path: str, outputs: list[Image.Image], targets: list[Image.Image]
         return F.normalize(model(**proc(images=imgs, return_tensors="pt")).last_hidden_state[:, 0], dim=-1)
 
     return float((cls(outputs) * cls(targets)).sum(-1).mean() * 100)
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+LPIPS_TAPS = (1, 4, 7, 9, 11)  # the ReLUs ending the slices features[0:2], [2:5], [5:8], [8:10], [10:12]
+LPIPS_CHANNELS = (64, 192, 384, 256, 256)
+
+
+class _Lin(nn.Module):
+    """An LPIPS head ``lin<k>``: dropout (inactive in eval) and a 1 x 1 convolution to one channel."""
+
+    def __init__(self, chn: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(chn, 1, 1, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)  # (N, C, H, W) -> (N, 1, H, W)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 on AlexNet (Zhang et al. 2018; the ``lpips`` package's ``net='alex'``).
+
+    Parameter names are those of the two weight files, so the key mapping is the identity:
+    torchvision's AlexNet ``features.{0,3,6,8,10}.{weight,bias}`` (its ``classifier.*`` dropped)
+    and lpips' ``lin{0..4}.model.1.weight``. Inputs are RGB in [-1, 1]; the output is one distance
+    per pair (lower is more alike).
+    """
+
+    def __init__(self):
+        super().__init__()
+        shift, scale = torch.tensor([-0.030, -0.088, -0.188]), torch.tensor([0.458, 0.448, 0.450])
+        self.register_buffer("shift", shift[None, :, None, None], persistent=False)  # (1, 3, 1, 1)
+        self.register_buffer("scale", scale[None, :, None, None], persistent=False)
+        self.features = nn.Sequential(  # torchvision's alexnet().features
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+        )  # fmt: skip
+        self.lins = [f"lin{k}" for k in range(len(LPIPS_CHANNELS))]
+        for name, chn in zip(self.lins, LPIPS_CHANNELS):
+            self.add_module(name, _Lin(chn))
+        self.eval()
+
+    def taps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Activations at the five taps, each unit-normalised over channels."""
+        if min(x.shape[-2:]) < 31:
+            raise ValueError("LPIPS needs images of at least 31 x 31 px")
+        x = (x - self.shift) / self.scale  # (N, 3, H, W)
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in LPIPS_TAPS:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))  # (N, C_k, H_k, W_k)
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Distances of the pairs ``x[i], y[i]``: (N, 3, H, W) twice -> (N,)."""
+        d = torch.zeros(len(x), dtype=x.dtype, device=x.device)
+        for name, a, b in zip(self.lins, self.taps(x), self.taps(y)):
+            d = d + getattr(self, name)((a - b) ** 2).mean((1, 2, 3))  # (N,)
+        return d
+
+
+def _state_dicts(folder: Path) -> dict[str, tuple[Path, dict]]:
+    """The folder's ``.pth`` files by kind, "alexnet" or "lin", told apart by their keys."""
+    found: dict[str, tuple[Path, dict]] = {}
+    for f in sorted(folder.glob("*.pth")):
+        try:
+            sd = torch.load(f, map_location="cpu", weights_only=True)  # tensors only, no arbitrary pickles
+        except Exception as e:  # any failure means a bad file
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot load {f} as a plain state dict: {why}") from None
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{f} is not a state dict of tensors")
+        if any(k.startswith("features.") for k in sd):
+            kind = "alexnet"
+        elif any(k.startswith("lin") for k in sd):
+            kind = "lin"
+        else:
+            raise ValueError(f"{f} holds neither AlexNet features.* nor LPIPS lin*.model.1.weight keys")
+        if kind in found:
+            raise ValueError(f"two {kind} weight files in {folder}: {found[kind][0].name}, {f.name}")
+        found[kind] = (f, sd)
+    return found
+
+
+def _mismatches(f: Path, state: dict, want: dict[str, torch.Size]) -> list[str]:
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    shapes = [f"{k} {tuple(state[k].shape)} (want {tuple(want[k])})"
+              for k in sorted(set(state) & set(want)) if state[k].shape != want[k]]  # fmt: skip
+    parts = [(missing, "missing"), (unexpected, "unexpected"), (shapes, "wrong shape")]
+    return [f"{f.name}: {what} {', '.join(keys)}" for keys, what in parts if keys]
+
+
+def load_lpips(path: str | Path) -> LPIPS:
+    """LPIPS from a folder holding torchvision's ``alexnet-owt-7be5be79.pth`` and lpips'
+    ``weights/v0.1/alex.pth`` (any file names), loaded with ``weights_only=True`` and strictly."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"LPIPS weights folder not found: {folder}")
+    found = _state_dicts(folder)
+    need = {
+        "alexnet": "torchvision AlexNet weights (features.*)",
+        "lin": "LPIPS v0.1 alex.pth (lin*.model.1.weight)",
+    }
+    absent = [need[k] for k in need if k not in found]
+    if absent:
+        raise ValueError(f"no {' or '.join(absent)} among the .pth files in {folder}")
+    model = LPIPS()
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    (fa, alex), (fl, lin) = found["alexnet"], found["lin"]
+    alex = {k: v for k, v in alex.items() if not k.startswith("classifier.")}  # the classifier is unused
+    errors = _mismatches(fa, alex, {k: s for k, s in want.items() if k.startswith("features.")})
+    errors += _mismatches(fl, lin, {k: s for k, s in want.items() if not k.startswith("features.")})
+    if errors:
+        raise ValueError("LPIPS weights do not match: " + "; ".join(errors))
+    model.load_state_dict({**alex, **lin}, strict=True)
+    return model
+
+
+@torch.no_grad()
+def lpips_score(path: str | Path, outputs: list[Image.Image], targets: list[Image.Image]) -> float:
+    """LPIPS (AlexNet, v0.1; raw distance, lower is better): mean over (output, target) pairs, the
+    output resized (bicubic) to its target."""
+    model = load_lpips(path)
+
+    def tensor(img, size=None):
+        return torch.from_numpy(as_array(img, size) * 2 - 1).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+
+    return float(torch.cat([model(tensor(o, t.size), tensor(t)) for o, t in zip(outputs, targets)]).mean())

@@ -26,10 +26,12 @@ from mgie.config import MGIEConfig, load_config, save_config
 from mgie.diffusion import (
     build_unet,
     build_vae,
+    change_weights,
     edit_loss,
     encode_source,
     encode_target,
     noise_scheduler,
+    vae_scale_factor,
 )
 from mgie.edit_head import EditHead
 from mgie.mllm import (
@@ -174,11 +176,19 @@ class MGIEModel(nn.Module):
         lm = nn.functional.cross_entropy(  # next-token CE over the assistant turn
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
         )
+        if not w.edit_weight:  # an LM-only stage (e.g. pre-training a from-scratch MLLM): no diffusion
+            edit = torch.zeros((), device=lm.device)
+            return MGIEOutput(loss=w.lm_weight * lm, lm_loss=lm, edit_loss=edit)
         cond = self.condition(hidden, input_ids)  # (B, Q, C)
         null = self.null_condition()  # (1, Q, C)
         tgt = encode_target(self.vae, target, generator)  # (B, 4, h, w)
         src = encode_source(self.vae, source)  # (B, 4, h, w)
-        edit = edit_loss(self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator)
+        weights = (
+            change_weights(source, target, vae_scale_factor(self.vae), w.change_weight)
+            if w.change_weight
+            else None
+        )  # (B, 1, h, w) or None
+        edit = edit_loss(self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights)
         return MGIEOutput(loss=w.lm_weight * lm + w.edit_weight * edit, lm_loss=lm, edit_loss=edit)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:

@@ -72,7 +72,7 @@ class MGIEPipeline:
     def _context_left(self) -> int:
         """Tokens left for the instruction in the LLM context after the fixed prompt and outputs."""
         m = self.cfg.model.mllm
-        fixed = len(build_prompt(self.tokenizer, self.model.ids, "", prompt_image_tokens(m)))
+        fixed = len(build_prompt(self.tokenizer, self.model.ids, "", prompt_image_tokens(m), m.system_prompt))
         return m.text.max_position_embeddings - fixed - self.cfg.inference.max_new_tokens - m.num_img_tokens
 
     @torch.no_grad()
@@ -82,8 +82,9 @@ class MGIEPipeline:
         device = model.device
         texts = [self.check_instruction(t) for t in instructions]
         pixels = self.clip(images=images, return_tensors="pt")["pixel_values"].to(device)  # (B, 3, S, S)
+        m = self.cfg.model.mllm
         prompts = [
-            build_prompt(self.tokenizer, ids, t, prompt_image_tokens(self.cfg.model.mllm)) for t in texts
+            build_prompt(self.tokenizer, ids, t, prompt_image_tokens(m), m.system_prompt) for t in texts
         ]
         input_ids, mask = pad_sequences(prompts, ids.pad, side="left")
         if self.cfg.model.mllm.expressive:

@@ -18,6 +18,7 @@ from mgie.config import (
     EditHeadConfig,
     InferenceConfig,
     LoRAConfig,
+    LossConfig,
     MGIEConfig,
     MLLMConfig,
     ModelConfig,
@@ -90,7 +91,7 @@ def mgie_shapes() -> MGIEConfig:
     """The small MGIE of the shapes world, trained from scratch (every MLLM weight trains).
 
     64 px images: a 4-layer CLIP-style ViT (patch 8: 64 image tokens), a 4-layer Llama (hidden
-    256) over a 512-piece SentencePiece vocabulary trained on the world's text, 8 [IMG] tokens,
+    256) over a 768-piece SentencePiece vocabulary trained on the world's text, 8 [IMG] tokens,
     a 2+2-layer edit head, and a 3-level UNet on the 32 x 32 x 8 latents of a factor-2 VAE.
     The UNet predicts the clean latent (``prediction_type="sample"``; the edit is a deterministic
     function of image and instruction) on a zero-terminal-SNR schedule, sampled by 10 DDIM steps
@@ -103,20 +104,21 @@ def mgie_shapes() -> MGIEConfig:
         ),
         text=TextConfig(
             hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=256, vocab_size=512,
+            num_key_value_heads=4, max_position_embeddings=256, vocab_size=768,
         ),
         projector="mlp2x_gelu",
         trainable="full",
+        system_prompt="",  # a chat-assistant preamble teaches a model trained from scratch nothing
     )  # fmt: skip
     diffusion = DiffusionConfig(
         unet=UNetConfig(
-            in_channels=16, out_channels=8, sample_size=32, block_out_channels=[32, 64, 128], layers_per_block=1,
+            in_channels=8, out_channels=4, sample_size=32, block_out_channels=[32, 64, 128], layers_per_block=1,
             attention_head_dim=8,
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=128,
         ),
         vae=VAEConfig(
-            block_out_channels=[32, 64], layers_per_block=1, latent_channels=8, sample_size=64,
+            block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, sample_size=64,
             scaling_factor=1.0, mid_block_attention=False,
         ),
         noise=NoiseConfig(prediction_type="sample", rescale_betas_zero_snr=True, timestep_spacing="trailing"),
@@ -124,6 +126,7 @@ def mgie_shapes() -> MGIEConfig:
     model = ModelConfig(
         mllm=mllm,
         lora=LoRAConfig(enabled=False),
+        loss=LossConfig(change_weight=4.0),
         edit_head=EditHeadConfig(
             hidden_size=128,
             num_heads=4,

@@ -118,14 +118,17 @@ def encode_chunk(tokenizer, text: str, collapse: bool = True) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False) if text else []
 
 
-def build_prompt(tokenizer, ids: TokenIds, instruction: str, num_patches: int) -> list[int]:
+def build_prompt(
+    tokenizer, ids: TokenIds, instruction: str, num_patches: int, system: str = SYSTEM
+) -> list[int]:
     """Token ids of the MGIE user turn, up to and including ``ASSISTANT:``.
 
-    String form (Vicuna v1.1): ``<s>{SYSTEM} USER: what will this image be like if '{ins}'
+    String form (Vicuna v1.1): ``<s>{system} USER: what will this image be like if '{ins}'
     <im_start><im_patch>*P<im_end> ASSISTANT:``; with ``num_patches=0`` (a text-only LLM, the
-    LGIE baseline) the image part is left out.
+    LGIE baseline) the image part is left out; ``system=""`` drops the system line (for models
+    trained from scratch: ``model.mllm.system_prompt``).
     """
-    user = f"{SYSTEM} USER: what will this image be like if '{normalize_text(instruction)}'"
+    user = f"{system} USER: what will this image be like if '{normalize_text(instruction)}'"
     image = [ids.im_start] + [ids.im_patch] * num_patches + [ids.im_end] if num_patches else []
     return [ids.bos] + encode_chunk(tokenizer, user) + image + encode_chunk(tokenizer, "ASSISTANT:")
 

@@ -8,6 +8,7 @@ from mgie.config import LossConfig, NoiseConfig
 from mgie.diffusion import (
     build_unet,
     build_vae,
+    change_weights,
     dropout_masks,
     edit_loss,
     encode_source,
@@ -129,17 +130,20 @@ def test_dropout_masks_partition_and_rates():
         assert abs(float(r) - 0.05) < 0.003
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("kind", ["epsilon", "sample", "v_prediction"])
-def test_edit_loss_matches_manual_computation(parts, tiny_cfg, kind):
+def test_edit_loss_matches_manual_computation(parts, tiny_cfg, kind, weighted):
     """The loss equals an independent recomputation from the same random draws (float64 add_noise),
-    for each prediction type: noise, the clean latent x0, or v = sqrt(abar) noise - sqrt(1 - abar) x0."""
+    for each prediction type: noise, the clean latent x0, or v = sqrt(abar) noise - sqrt(1 - abar) x0;
+    with per-cell weights, the weighted mean of the squared errors."""
     unet, _ = parts
     sched = noise_scheduler(replace(tiny_cfg.model.diffusion.noise, prediction_type=kind))
     g = torch.Generator().manual_seed(3)
     tgt, src = torch.randn(4, 4, 4, 4, generator=g), torch.randn(4, 4, 4, 4, generator=g)
     cond, null = torch.randn(4, 16, 32, generator=g), torch.randn(1, 16, 32, generator=g)
+    w = 1 + 5 * (torch.rand(4, 1, 4, 4, generator=g) > 0.7).float() if weighted else None
     cfg = LossConfig(drop_text=0.25, drop_both=0.25, drop_image=0.25)
-    loss = edit_loss(unet, sched, tgt, src, cond, null, cfg, torch.Generator().manual_seed(9))
+    loss = edit_loss(unet, sched, tgt, src, cond, null, cfg, torch.Generator().manual_seed(9), w)
 
     r = torch.Generator().manual_seed(9)  # replay the draws in the documented order
     noise = torch.randn(tgt.shape, generator=r)
@@ -154,7 +158,39 @@ def test_edit_loss_matches_manual_computation(parts, tiny_cfg, kind):
         pred = unet(torch.cat([noisy, s], 1), t, c).sample
     v = (abar.sqrt() * noise.double() - (1 - abar).sqrt() * tgt.double()).float()
     want = {"epsilon": noise, "sample": tgt, "v_prediction": v}[kind]
-    torch.testing.assert_close(loss, ((pred - want) ** 2).mean(), rtol=1e-4, atol=1e-5)
+    se = (pred.double() - want.double()) ** 2  # (4, 4, 4, 4)
+    if weighted:
+        se = torch.stack([se[:, c] * w[:, 0].double() for c in range(4)], 1)
+    torch.testing.assert_close(loss.double(), se.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_change_weights_mark_the_changed_cells_and_their_neighbours():
+    """Against a direct loop: a cell (2 x 2 px) is changed when a pixel in it moves by > 0.1 (in
+    [0, 1]), every cell next to a changed one (8-neighbourhood) gets the weight too, and each
+    example's weights average to 1."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(3, 3, 16, 16, generator=g) * 2 - 1
+    tgt = src.clone()
+    tgt[0, 1, 5, 9] += 0.5  # 0.25 in [0, 1]: changed
+    tgt[0, 0, 12, 2] += 0.15  # 0.075: below the tolerance
+    tgt[1, :, 0:4, 14:16] = -src[1, :, 0:4, 14:16]  # a block at the edge
+    tgt[2] = -src[2]  # everything changes (a global edit)
+    got = change_weights(src, tgt, 2, 4.0)
+    assert got.shape == (3, 1, 8, 8)
+    diff = ((tgt - src).abs() / 2).amax(1)  # (3, 16, 16)
+    for b in range(3):
+        changed = {(i // 2, j // 2) for i in range(16) for j in range(16) if diff[b, i, j] > 0.1}
+        near = [
+            [any(abs(i - a) <= 1 and abs(j - c) <= 1 for a, c in changed) for j in range(8)] for i in range(8)
+        ]
+        n = sum(map(sum, near))
+        mean = (64 + 4.0 * n) / 64
+        for i in range(8):
+            for j in range(8):
+                want = (5.0 if near[i][j] else 1.0) / mean
+                assert got[b, 0, i, j].item() == pytest.approx(want), (b, i, j)
+    assert got[0, 0, 2, 4] > got[0, 0, 6, 1]  # the changed pixel's cell vs a cell below the tolerance
+    assert torch.allclose(got[2], torch.ones(1, 8, 8))  # a global edit keeps the plain loss
 
 
 def test_scheduler_by_name_and_error():

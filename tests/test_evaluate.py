@@ -4,6 +4,7 @@ from mgie.data import shapes
 from mgie.evaluate import main
 
 from .conftest import make_model
+from .test_metrics import write_lpips_weights
 
 
 def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokenizer, capsys):
@@ -33,9 +34,8 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["n"] == 6
     assert set(report["metrics"]) >= {"l1", "l2", "psnr", "ssim", "lpips", "clip_i", "clip_t", "dino"}
-    assert report["metrics"]["clip_i"].startswith("unavailable") and report["metrics"]["lpips"].startswith(
-        "unavailable"
-    )
+    assert report["metrics"]["clip_i"].startswith("unavailable")
+    assert report["metrics"]["lpips"] == "unavailable: pass --lpips PATH"
     assert 0 <= report["metrics"]["ssim"] <= 1 and report["metrics"]["l1"] > 0
     success = report["edit_success"]
     assert success["all"]["n"] == 6 and sum(v["n"] for k, v in success.items() if k.startswith("kind/")) == 6
@@ -45,8 +45,11 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     outputs = tmp_path / "report_outputs"
     stamps = {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.png")}
     assert len(stamps) == 6
-    assert main(args) == 0  # resumes: nothing is edited again
+    write_lpips_weights(tmp_path / "lpips")
+    assert main([*args, "--lpips", str(tmp_path / "lpips")]) == 0  # resumes: nothing is edited again
     assert {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.png")} == stamps
+    lpips = json.loads((tmp_path / "report.json").read_text())["metrics"]["lpips"]
+    assert isinstance(lpips, float) and lpips > 0
 
     from train.record_metrics import main as record
 
@@ -54,6 +57,7 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     kept = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["ci_subset"]
     assert kept["n"] == 6 and kept["edit_success"] == success["all"]["rate"] and kept["split"] == "test"
     assert kept["expressive_exact"] == report["expressive"]["exact_match"] and "ssim" in kept["metrics"]
+    assert kept["metrics"]["lpips"] == lpips
     assert record(["--model", str(tmp_path / "ckpt"), "oops"]) == 2
 
 

@@ -82,6 +82,44 @@ def test_edit_loss_alone_reaches_img_embeddings_through_the_llm(model):
     assert head.grad is None or head.grad.abs().sum() == 0  # the LM head only learns from the CE
 
 
+def test_lm_only_stage_skips_the_diffusion_branch(tiny_cfg, tokenizer):
+    """edit_weight 0 (pre-training a from-scratch MLLM): the CE is unchanged, no UNet runs."""
+    from dataclasses import replace
+
+    model = make_model(tiny_cfg, tokenizer)
+    batch = make_batch(model)
+    full = model(**batch, generator=torch.Generator().manual_seed(0))
+    model.cfg = replace(
+        tiny_cfg, model=replace(tiny_cfg.model, loss=replace(tiny_cfg.model.loss, edit_weight=0.0))
+    )
+    calls = []
+    model.unet.register_forward_hook(lambda *a: calls.append(1))
+    lm_only = model(**batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lm_only.loss, full.lm_loss)
+    assert lm_only.edit_loss == 0 and not calls
+
+
+def test_change_weighting_leaves_unchanged_images_alone(tiny_cfg, tokenizer):
+    """With source == target every weight is 1, so change_weight gives the plain loss; with an
+    edit it gives another one."""
+    from dataclasses import replace
+
+    model = make_model(tiny_cfg, tokenizer)
+    batch = make_batch(model)
+    loss = replace(tiny_cfg.model.loss, change_weight=4.0)
+    weighted = replace(tiny_cfg, model=replace(tiny_cfg.model, loss=loss))
+
+    def edit(cfg, b):
+        model.cfg = cfg
+        return model(**b, generator=torch.Generator().manual_seed(0)).edit_loss
+
+    same = {**batch, "target": batch["source"]}
+    torch.testing.assert_close(edit(weighted, same), edit(tiny_cfg, same))
+    edited = {**same, "target": same["source"].clone()}
+    edited["target"][:, :, :8, :8] = -edited["target"][:, :, :8, :8]
+    assert not torch.isclose(edit(weighted, edited), edit(tiny_cfg, edited))
+
+
 def test_a_few_steps_drive_the_loss_down(tiny_cfg, tokenizer):
     model = make_model(tiny_cfg, tokenizer, seed=1)
     batch = make_batch(model, n=2)

@@ -89,6 +89,20 @@ def test_example_labels_supervise_only_the_answer(llama, sp):
     )
 
 
+def test_prompt_without_system_line(llama, sp):
+    """``system=""`` (model.mllm.system_prompt) leaves the system line out, against SentencePiece."""
+    tok, ids = llama
+    got = build_prompt(tok, ids, "make it  dark", 4, system="")
+    image = [ids.im_start] + [ids.im_patch] * 4 + [ids.im_end]
+    want = (
+        [1]
+        + sp.encode("USER: what will this image be like if 'make it dark'")
+        + image
+        + sp.encode("ASSISTANT:")
+    )
+    assert got == want
+
+
 def test_partial_tokens_rejected(tokenizer):
     from transformers import LlamaTokenizer
 

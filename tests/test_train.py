@@ -141,6 +141,25 @@ def test_bad_config_fails_at_startup_with_one_line(capsys, override, message):
     assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_init_vae_scaling_factor_is_adopted_and_architecture_checked(tmp_path, capsys):
+    from dataclasses import replace
+
+    from mgie.config import load_config
+    from mgie.diffusion import build_vae
+    from train.run import adopt_init_vae
+
+    cfg = load_config(TINY)
+    build_vae(replace(cfg.model.diffusion.vae, scaling_factor=0.37)).save_pretrained(tmp_path / "vae")
+    cfg.train.init_vae = str(tmp_path / "vae")
+    adopt_init_vae(cfg)
+    assert cfg.model.diffusion.vae.scaling_factor == pytest.approx(0.37)  # the latents the UNet learns
+    wide = replace(cfg.model.diffusion.vae, latent_channels=8)
+    build_vae(wide).save_pretrained(tmp_path / "wide")
+    code = main(["--config", str(TINY), "--set", f"train.init_vae={tmp_path / 'wide'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "latent_channels=8 differs" in err and err.count("\n") == 1
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

@@ -67,6 +67,31 @@ def check_startup(cfg: MGIEConfig) -> None:
         raise ConfigError("train.max_steps, train.micro_batch_size and train.grad_accum must be >= 1")
 
 
+# model.diffusion.vae.* -> the diffusers config key of the same setting
+VAE_KEYS = {k: k for k in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")}
+VAE_KEYS["mid_block_attention"] = "mid_block_add_attention"
+
+
+def adopt_init_vae(cfg: MGIEConfig) -> None:
+    """Take ``scaling_factor`` from the ``train.init_vae`` folder into the config (it is part of
+    the latents the UNet learns), after checking that its architecture is the config's."""
+    import json
+
+    path = Path(cfg.train.init_vae) / "config.json"
+    try:
+        folder = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"train.init_vae: cannot read {path}: {e}") from None
+    vae = cfg.model.diffusion.vae
+    for key, theirs in VAE_KEYS.items():
+        want, got = getattr(vae, key), folder.get(theirs)
+        if got is not None and (list(got) if isinstance(want, list) else got) != want:
+            raise ConfigError(
+                f"train.init_vae: the folder's {theirs}={got} differs from model.diffusion.vae.{key}={want}"
+            )
+    vae.scaling_factor = float(folder.get("scaling_factor", vae.scaling_factor))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,6 +181,8 @@ def build_model(cfg: MGIEConfig):
 
     if cfg.train.init_from:
         model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
+        if cfg.train.init_vae:  # a VAE replacing init_from's (before any UNet learnt its latents)
+            _load_vae(model, cfg)
     else:
         m = cfg.model.mllm
         if m.tokenizer:
@@ -171,19 +198,21 @@ def build_model(cfg: MGIEConfig):
             )
         model = MGIEModel.from_config(cfg, tokenizer)
         if cfg.train.init_vae:
-            from diffusers import AutoencoderKL
-
-            from mgie.model import load_diffusers
-
-            vae = load_diffusers(AutoencoderKL, Path(cfg.train.init_vae), torch.float32)
-            model.vae.load_state_dict(vae.state_dict())  # weights only: the config keeps its scaling factor
-            if vae.config.scaling_factor != cfg.model.diffusion.vae.scaling_factor:
-                get_logger("mgie.train").warning(
-                    "train.init_vae: using model.diffusion.vae.scaling_factor=%g from the config, not the "
-                    "folder's %g", cfg.model.diffusion.vae.scaling_factor, vae.config.scaling_factor)  # fmt: skip
+            _load_vae(model, cfg)
     if not cfg.train.train_unet:
         model.unet.requires_grad_(False)
     return model
+
+
+def _load_vae(model, cfg: MGIEConfig) -> None:
+    """Replace the model's VAE by ``train.init_vae`` (whose architecture and scaling factor
+    :func:`adopt_init_vae` checked against, and took into, the config)."""
+    from diffusers import AutoencoderKL
+
+    from mgie.mllm import freeze
+    from mgie.model import load_diffusers
+
+    model.vae = freeze(load_diffusers(AutoencoderKL, Path(cfg.train.init_vae), torch.float32)).eval()
 
 
 # ----------------------------------------------------------------------------- loop helpers
@@ -357,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.train.output_dir:
             cfg.train.output_dir = str(Path("runs") / Path(args.config).stem)
         check_startup(cfg)
+        if cfg.train.init_vae:
+            adopt_init_vae(cfg)
     except ValueError as e:
         print(error_line(e), file=sys.stderr)
         return 2

@@ -56,7 +56,9 @@ class EditDataset(Dataset):
             expressive = ""  # IP2P baseline: the assistant turn is just [IMG0..N-1] </s>
         else:
             expressive = self._cut(expressive or default_expressive(instruction), d.max_expressive_tokens)
-        prompt = build_prompt(self.tokenizer, self.ids, instruction, self.num_patches)
+        prompt = build_prompt(
+            self.tokenizer, self.ids, instruction, self.num_patches, self.cfg.model.mllm.system_prompt
+        )
         target = build_target(self.tokenizer, self.ids, expressive)
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 

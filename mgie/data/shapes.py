@@ -11,9 +11,12 @@ without anti-aliasing so every pixel of a target is exact. 64 px keeps the small
 
 Each example: source, target, a terse ``instruction`` from a template family, the concise
 ``expressive`` instruction that spells the operation out, its ``kind`` (local, global,
-ambiguous) and ``edit``. Paraphrase families marked held out, and the (edit, shape) combinations
-in ``HELDOUT_COMBOS``, never occur in the ``train``/``test`` splits; ``heldout_paraphrase`` and
-``heldout_combo`` contain only them.
+ambiguous) and ``edit``. The target follows from the source and the instruction alone (an added
+object sits at the centre of the named cell). Paraphrase families marked held out (new
+combinations of words the training text has), and the (edit, shape) combinations in
+``HELDOUT_COMBOS``, never occur in the ``train``/``test`` splits; ``heldout_paraphrase`` and
+``heldout_combo`` contain only them. The tokenizer is the same for every data set written
+(:func:`world_tokenizer`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ SHAPES = ("square", "circle", "triangle", "diamond")
 SIDES = {"small": 10, "medium": 16, "large": 24}
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 TEXTURES = ("plain", "stripes", "checker")
-SPLITS = ("train", "test", "heldout_paraphrase", "heldout_combo")
+SPLITS = ("train", "test", "heldout_paraphrase", "heldout_combo", "caption")
 HELDOUT_COMBOS = {("recolour", "diamond"), ("remove", "triangle"), ("move", "circle")}
 
 
@@ -131,34 +134,47 @@ def render(scene: Scene) -> Image.Image:
 
 # ----------------------------------------------------------------------------- templates
 
-# Each edit: paraphrase families (the last one is held out) and the expressive template.
+# Each edit: paraphrase families (the last one is held out) and the expressive template. A model
+# trained from scratch on this world cannot know what a word it has never seen means, so every
+# held-out family is a new *combination* of words that occur elsewhere in the training text (a
+# test of compositional generalisation): "take away" (seen: "take away the biggest thing") with
+# an object name, "paint a" with a shape, "put the" with an existing object, and so on.
 FAMILIES = {
     "recolour": ["make the {name} {new}", "change the {name} to {new}", "paint the {name} {new}",
                  "turn the {name} {new}"],
     "remove": ["remove the {name}", "delete the {name}", "get rid of the {name}", "take away the {name}"],
     "add": ["add a {new} {shape} in the {corner}", "put a {new} {shape} in the {corner}",
-            "draw a {new} {shape} in the {corner}"],
+            "draw a {new} {shape} in the {corner}", "paint a {new} {shape} in the {corner}"],
     "move": ["move the {name} to the {corner}", "shift the {name} to the {corner}",
-             "drag the {name} to the {corner}"],
-    "resize": ["make the {name} {bigger}", "{enlarge} the {name}", "change the size of the {name} to {adj}"],
+             "drag the {name} to the {corner}", "put the {name} in the {corner}"],
+    "resize": ["make the {name} {bigger}", "{enlarge} the {name}", "change the size of the {name} to {adj}",
+               "give the {name} a {adj} size"],
     "brightness": ["make it {brighter}", "{brighten} the image", "{increase} the brightness"],
     "contrast": ["{increase} the contrast", "make it {more} contrasty", "give it {more} contrast"],
     "grayscale": ["make it black and white", "remove the colours", "make it grayscale"],
     "invert": ["invert the colours", "make it a negative", "make a negative of it"],
-    "tint": ["give it a {new} tint", "tint it {new}", "add a {new} cast"],
+    "tint": ["give it a {new} tint", "tint it {new}", "add a {new} cast", "add a {new} tint"],
     "background": ["change the background to {bg}", "make the background {bg}", "paint the background {bg}"],
-    "odd_one_out": ["make the odd one out {new}", "colour the odd one out {new}", "recolour the odd one out {new}"],
-    "biggest": ["remove the biggest shape", "delete the largest object", "take away the biggest thing"],
-    "smallest": ["make the smallest shape {new}", "colour the smallest object {new}", "paint the tiniest shape {new}"],
-    "sea": ["paint it like the sea", "make it look like the ocean", "make it feel like the seaside"],
-    "night": ["make it look like night", "turn the day into night", "make it night time"],
+    "odd_one_out": ["make the odd one out {new}", "colour the odd one out {new}", "recolour the odd one out {new}",
+                    "paint the odd one out {new}"],
+    "biggest": ["remove the biggest shape", "delete the largest object", "take away the biggest thing",
+                "get rid of the largest shape"],
+    "smallest": ["make the smallest shape {new}", "colour the smallest object {new}", "paint the tiniest shape {new}",
+                 "change the smallest object to {new}"],
+    "sea": ["paint it like the sea", "make it look like the ocean", "make it feel like the seaside",
+            "make it look like the sea"],
+    "night": ["make it look like night", "turn the day into night", "make it night time", "make it feel like night"],
 }  # fmt: skip
 KINDS = {
     "local": ("recolour", "remove", "add", "move", "resize"),
     "global": ("brightness", "contrast", "grayscale", "invert", "tint", "background"),
     "ambiguous": ("odd_one_out", "biggest", "smallest", "sea", "night"),
 }
-KIND_OF = {e: k for k, edits in KINDS.items() for e in edits}
+KIND_OF = {e: k for k, edits in KINDS.items() for e in edits} | {"describe": "caption"}
+# The caption split: no edit (target = source), the expressive text names every object. It is the
+# world's image-text pre-training data, the role LLaVA's caption pre-training plays for MGIE.
+CAPTION_FAMILIES = ["describe the image", "what is in the image", "describe the picture"]
+TEXTURE_WORDS = {"plain": "plain", "stripes": "striped", "checker": "checked"}
 WORDS = {  # direction-dependent words of the templates
     "up": {"bigger": "bigger", "enlarge": "enlarge", "adj": "large", "brighter": "brighter",
            "brighten": "brighten", "increase": "increase", "more": "more"},
@@ -267,7 +283,9 @@ def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
         src = _random_scene(rng, 0, 3)
         free = [c for c in range(4) if c not in {x.cell for x in src.objects}]
         c = rng.choice(free)
-        o = _random_obj(rng, c, size="medium")
+        o = replace(
+            _random_obj(rng, c, size="medium"), dx=0, dy=0
+        )  # centred: the instruction fixes the place
         if o.name in [x.name for x in src.objects]:
             return None
         return Example(
@@ -302,6 +320,18 @@ def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
             src, replace(src, ops=((edit, arg),)), _fill(tmpl, new=arg, **w), expressive, edit, family
         )
     return _ambiguous(rng, edit, tmpl, family)
+
+
+def caption(scene: Scene) -> str:
+    """The scene in words: each object (size, colour, shape, corner) in cell order, then the background."""
+    objects = [f"a {o.size} {o.name} in the {CORNERS[o.cell]}" for o in scene.objects]
+    return ", ".join([*objects, f"on a {TEXTURE_WORDS[scene.texture]} {scene.background} background"])
+
+
+def _described(rng: random.Random) -> Example:
+    src = _random_scene(rng)
+    family = rng.randrange(len(CAPTION_FAMILIES))
+    return Example(src, src, CAPTION_FAMILIES[family], caption(src), "describe", family)
 
 
 def _ambiguous(rng: random.Random, edit: str, tmpl: str, family: int) -> Example | None:
@@ -359,11 +389,13 @@ def allowed(split: str, edit: str, family: int, shape: str | None) -> bool:
 
 
 def generate(n: int, seed: int, split: str = "train") -> list[Example]:
-    """``n`` examples of ``split``, a third of each kind (``heldout_combo``: local edits only),
-    deterministic for (seed, split)."""
+    """``n`` examples of ``split``, a third of each kind (``heldout_combo``: local edits only;
+    ``caption``: captions only), deterministic for (seed, split)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     rng = random.Random(f"{seed}-{split}")
+    if split == "caption":
+        return [_described(rng) for _ in range(n)]
     combos = {c[0] for c in HELDOUT_COMBOS}
     kinds = ["local"] if split == "heldout_combo" else list(KINDS)  # held-out combinations are local edits
     out: list[Example] = []
@@ -398,13 +430,19 @@ def write(examples: list[Example], out: Path, split: str, progress: bool = True)
     return manifest
 
 
-def world_tokenizer(examples: list[Example], vocab_size: int = 512, num_img_tokens: int = 8):
-    """A SentencePiece tokenizer trained on the prompt and the examples' texts (train split)."""
-    from mgie.tokens import SYSTEM, train_tokenizer
+TOKENIZER_EXAMPLES = 20_000
 
-    fixed = [SYSTEM, "USER: what will this image be like if ASSISTANT:"] * max(1, len(examples) // 4)
-    # The fixed prompt is repeated so that its words become whole pieces.
-    lines = fixed + [e.instruction for e in examples] + [e.expressive for e in examples]
+
+def world_tokenizer(vocab_size: int = 768, num_img_tokens: int = 8):
+    """The world's SentencePiece tokenizer, the same for every data set written: trained on the
+    texts of a fixed sample of the train and caption splits as the model reads them, each instruction inside
+    the prompt (where the quote is glued to its first word) and each expressive text. 768 pieces
+    (256 of them byte fallback) keep every word whole."""
+    from mgie.tokens import train_tokenizer
+
+    examples = generate(TOKENIZER_EXAMPLES, 0, "train") + generate(TOKENIZER_EXAMPLES // 4, 0, "caption")
+    lines = [f"USER: what will this image be like if '{e.instruction}' ASSISTANT:" for e in examples]
+    lines += [e.expressive for e in examples]
     return train_tokenizer(lines, vocab_size, num_img_tokens)
 
 
@@ -427,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = generate(args.n, args.seed, args.split)
         manifest = write(examples, out, args.split, not args.quiet)
         print(f"wrote {args.n} examples to {manifest}")
-        if args.split == "train":
-            world_tokenizer(examples).save_pretrained(out / "tokenizer")
+        if args.split in ("train", "caption"):
+            world_tokenizer().save_pretrained(out / "tokenizer")
             print(f"wrote the world's tokenizer to {out / 'tokenizer'}")
         return 0
 

@@ -47,7 +47,12 @@ def test_vae_trains_and_scales_latents_to_unit_variance(world, tmp_path):
 
 def test_decoder_fine_tuning_keeps_encoder_and_scale(world, tmp_path):
     assert main(_args(world, tmp_path / "vae")) == 0
-    assert main(_args(world, tmp_path / "dec", "--init", str(tmp_path / "vae"), "--lr", "1e-2")) == 0
+    assert (
+        main(
+            _args(world, tmp_path / "dec", "--init", str(tmp_path / "vae"), "--decoder-only", "--lr", "1e-2")
+        )
+        == 0
+    )
     a, b = AutoencoderKL.from_pretrained(tmp_path / "vae"), AutoencoderKL.from_pretrained(tmp_path / "dec")
     assert a.config.scaling_factor == b.config.scaling_factor
     sa, sb = a.state_dict(), b.state_dict()
@@ -55,6 +60,13 @@ def test_decoder_fine_tuning_keeps_encoder_and_scale(world, tmp_path):
         if k.startswith(("encoder.", "quant_conv.")):
             assert torch.equal(sa[k], sb[k]), k  # the latents a UNet was trained on are unchanged
     assert not all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("decoder."))
+
+
+def test_continued_training_moves_the_encoder_too(world, tmp_path):
+    assert main(_args(world, tmp_path / "vae")) == 0
+    assert main(_args(world, tmp_path / "more", "--init", str(tmp_path / "vae"), "--lr", "1e-2")) == 0
+    a, b = AutoencoderKL.from_pretrained(tmp_path / "vae"), AutoencoderKL.from_pretrained(tmp_path / "more")
+    assert not torch.equal(a.encoder.conv_in.weight, b.encoder.conv_in.weight)
 
 
 def test_init_may_not_be_overwritten(world, tmp_path, capsys):

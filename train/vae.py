@@ -41,12 +41,21 @@ class Images(Dataset):
 
 
 def train_vae(
-    cfg, out: Path, steps: int, batch: int, lr: float, kl_weight: float, log, init: Path | None = None
+    cfg,
+    out: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    kl_weight: float,
+    log,
+    init: Path | None = None,
+    decoder_only: bool = False,
 ) -> float:
     """Train, set the scaling factor, save; returns the final reconstruction L1 (in [0, 1] units).
 
-    With ``init`` (a trained VAE folder) only the decoder trains: the encoder, hence every latent
-    a UNet was trained on, and the scaling factor stay as they are (SD's ft-MSE decoders did this).
+    ``init``: a trained VAE folder to continue from. With ``decoder_only`` only its decoder
+    trains: the encoder, hence every latent a UNet was trained on, and the scaling factor stay as
+    they are (SD's ft-MSE decoders did this).
     """
     from diffusers import AutoencoderKL
 
@@ -62,6 +71,7 @@ def train_vae(
         vae = build_vae(cfg.model.diffusion.vae).train()
     else:
         vae = load_diffusers(AutoencoderKL, init, torch.float32).train()
+    if decoder_only:
         for module in (vae.encoder, vae.quant_conv):
             module.requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr)
@@ -69,12 +79,12 @@ def train_vae(
     step, t0, rec_l1 = 0, time.perf_counter(), float("nan")
     while step < steps:
         for x in loader:
-            with torch.set_grad_enabled(init is None):
+            with torch.set_grad_enabled(not decoder_only):
                 post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
             l1 = (rec - x).abs().mean()
             loss = l1 + ((rec - x) ** 2).mean()
-            if init is None:
+            if not decoder_only:
                 loss = loss + kl_weight * post.kl().mean() / x[0].numel()
             opt.zero_grad()
             loss.backward()
@@ -88,7 +98,7 @@ def train_vae(
             if step >= steps:
                 break
     vae.eval()
-    if init is None:
+    if not decoder_only:
         with torch.no_grad():
             lat = torch.cat([vae.encode(x).latent_dist.mode() for x, _ in zip(loader, range(8))])
         vae.register_to_config(scaling_factor=float(1.0 / lat.std()))
@@ -107,15 +117,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=ranged(int, 1, 4096), default=32)
     p.add_argument("--lr", type=ranged(float, 1e-7, 1.0), default=2e-3)
     p.add_argument("--kl-weight", type=ranged(float, 0.0, 1.0), default=1e-3)
-    p.add_argument("--init", help="a trained VAE folder: fine-tune its decoder only (latents unchanged)")
+    p.add_argument("--init", help="a trained VAE folder to continue training from")
+    p.add_argument("--decoder-only", action="store_true",
+                   help="with --init: train the decoder only (latents and scaling factor unchanged)")  # fmt: skip
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.init and out.resolve() == Path(args.init).resolve():
         p.error("--out must differ from --init (the trained VAE is never overwritten)")
+    if args.decoder_only and not args.init:
+        p.error("--decoder-only needs --init (the VAE whose encoder to keep)")
     log = get_logger("mgie.vae", None, 0, sys.stdout)
     init = Path(args.init) if args.init else None
     return run_command(lambda: train_vae(load_config(args.config, args.set), out, args.steps, args.batch_size,
-                                         args.lr, args.kl_weight, log, init) and 0)  # fmt: skip
+                                         args.lr, args.kl_weight, log, init, args.decoder_only) and 0)  # fmt: skip
 
 
 if __name__ == "__main__":

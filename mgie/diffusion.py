@@ -146,9 +146,8 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-CHANGE_TOL = (
-    0.1  # a pixel "changes" when a channel moves by more than this (in [0, 1]; as metrics.edit_success)
-)
+# A pixel "changes" when a channel moves by more than this, in [0, 1] (as in metrics.edit_success).
+CHANGE_TOL = 0.1
 
 
 @torch.no_grad()

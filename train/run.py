@@ -181,8 +181,6 @@ def build_model(cfg: MGIEConfig):
 
     if cfg.train.init_from:
         model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
-        if cfg.train.init_vae:  # a VAE replacing init_from's (before any UNet learnt its latents)
-            _load_vae(model, cfg)
     else:
         m = cfg.model.mllm
         if m.tokenizer:
@@ -197,8 +195,8 @@ def build_model(cfg: MGIEConfig):
                 "model.mllm.tokenizer must name a LLaMA tokenizer folder for this vocabulary size"
             )
         model = MGIEModel.from_config(cfg, tokenizer)
-        if cfg.train.init_vae:
-            _load_vae(model, cfg)
+    if cfg.train.init_vae:  # replaces init_from's VAE too (before a UNet learns its latents)
+        _load_vae(model, cfg)
     if not cfg.train.train_unet:
         model.unet.requires_grad_(False)
     return model

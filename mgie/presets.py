@@ -91,11 +91,16 @@ def mgie_shapes() -> MGIEConfig:
     """The small MGIE of the shapes world, trained from scratch (every MLLM weight trains).
 
     64 px images: a 4-layer CLIP-style ViT (patch 8: 64 image tokens), a 4-layer Llama (hidden
-    256) over a 768-piece SentencePiece vocabulary trained on the world's text, 8 [IMG] tokens,
-    a 2+2-layer edit head, and a 3-level UNet on the 32 x 32 x 8 latents of a factor-2 VAE.
-    The UNet predicts the clean latent (``prediction_type="sample"``; the edit is a deterministic
-    function of image and instruction) on a zero-terminal-SNR schedule, sampled by 10 DDIM steps
-    with trailing spacing; guidance 1.5 / 2.0 (text / image) for this x0-predicting model.
+    256) over a 768-piece SentencePiece vocabulary trained on the world's text, no system line,
+    8 [IMG] tokens, a 2+2-layer edit head, and a 3-level 8-channel UNet on the 32 x 32 x 4
+    latents of a factor-2 VAE. The UNet predicts the clean latent (``prediction_type="sample"``;
+    the edit is a deterministic function of image and instruction) on a zero-terminal-SNR
+    schedule, sampled by 10 DDIM steps with trailing spacing.
+
+    Both convolutional nets normalise with one group (``norm_num_groups=1``): with SD's 32 groups
+    and these 32-channel layers every group is one channel, an instance norm that erases each
+    channel's mean over the image, so a flat background's colour (a tint, a new background)
+    could not pass the final norm before ``conv_out``.
     """
     mllm = MLLMConfig(
         vision=VisionConfig(
@@ -116,10 +121,11 @@ def mgie_shapes() -> MGIEConfig:
             attention_head_dim=8,
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=128,
+            norm_num_groups=1,
         ),
         vae=VAEConfig(
             block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, sample_size=64,
-            scaling_factor=1.0, mid_block_attention=False,
+            scaling_factor=1.0, mid_block_attention=False, norm_num_groups=1,
         ),
         noise=NoiseConfig(prediction_type="sample", rescale_betas_zero_snr=True, timestep_spacing="trailing"),
     )  # fmt: skip

@@ -73,3 +73,19 @@ def test_init_may_not_be_overwritten(world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(_args(world, tmp_path / "vae", "--init", str(tmp_path / "vae")))
     assert e.value.code == 2 and "--out must differ" in capsys.readouterr().err
+
+
+def test_colour_augment_recolours_the_chosen_fraction_within_range():
+    from train.vae import colour_augment
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(64, 3, 8, 8, generator=g) * 2 - 1
+    assert torch.equal(colour_augment(x, 0.0, torch.Generator().manual_seed(1)), x)
+    a = colour_augment(x, 1.0, torch.Generator().manual_seed(1))
+    b = colour_augment(x, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == x.shape and a.min() >= -1 and a.max() <= 1
+    changed = (a - x).abs().flatten(1).amax(1) > 1e-6
+    assert changed.all()
+    half = colour_augment(x, 0.5, torch.Generator().manual_seed(2))
+    frac = ((half - x).abs().flatten(1).amax(1) > 1e-6).float().mean()
+    assert 0.25 < frac < 0.75

@@ -40,6 +40,25 @@ class Images(Dataset):
         return to_tensor([center_square(self.items[i].load(), self.side)])[0]
 
 
+def colour_augment(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Recolour a fraction ``p`` of a batch (B, 3, H, W) in [-1, 1]: channels permuted, sometimes
+    inverted, then a random gain and offset per channel (clamped to [-1, 1]).
+
+    The world's palette is small; an editor's outputs are not (tints, negatives, new contrasts),
+    and an autoencoder reproduces only the colours it was trained on (a flat green field, which
+    no source has, came back gray), so it trains on colours from everywhere in the cube.
+    """
+    b = x.shape[0]
+    pick = torch.rand(b, generator=generator) < p  # (B,)
+    perm = torch.stack([torch.randperm(3, generator=generator) for _ in range(b)])  # (B, 3)
+    y = torch.stack([img[order] for img, order in zip(x, perm)])  # (B, 3, H, W)
+    flip = torch.where(torch.rand(b, 1, 1, 1, generator=generator) < 0.3, -1.0, 1.0)
+    gain = 0.5 + 0.7 * torch.rand(b, 3, 1, 1, generator=generator)
+    offset = torch.rand(b, 3, 1, 1, generator=generator) - 0.5
+    y = (flip * y * gain + offset).clamp(-1, 1)
+    return torch.where(pick[:, None, None, None], y, x)
+
+
 def train_vae(
     cfg,
     out: Path,
@@ -50,12 +69,14 @@ def train_vae(
     log,
     init: Path | None = None,
     decoder_only: bool = False,
+    augment: float = 0.5,
 ) -> float:
     """Train, set the scaling factor, save; returns the final reconstruction L1 (in [0, 1] units).
 
     ``init``: a trained VAE folder to continue from. With ``decoder_only`` only its decoder
     trains: the encoder, hence every latent a UNet was trained on, and the scaling factor stay as
-    they are (SD's ft-MSE decoders did this).
+    they are (SD's ft-MSE decoders did this). ``augment``: the fraction of images recoloured by
+    :func:`colour_augment`.
     """
     from diffusers import AutoencoderKL
 
@@ -77,8 +98,10 @@ def train_vae(
     opt = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     step, t0, rec_l1 = 0, time.perf_counter(), float("nan")
+    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     while step < steps:
         for x in loader:
+            x = colour_augment(x, augment, gen)
             with torch.set_grad_enabled(not decoder_only):
                 post = vae.encode(x).latent_dist
             rec = vae.decode(post.sample()).sample
@@ -117,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=ranged(int, 1, 4096), default=32)
     p.add_argument("--lr", type=ranged(float, 1e-7, 1.0), default=2e-3)
     p.add_argument("--kl-weight", type=ranged(float, 0.0, 1.0), default=1e-3)
+    p.add_argument("--augment", type=ranged(float, 0.0, 1.0), default=0.5,
+                   help="fraction of images recoloured at random (default 0.5)")  # fmt: skip
     p.add_argument("--init", help="a trained VAE folder to continue training from")
     p.add_argument("--decoder-only", action="store_true",
                    help="with --init: train the decoder only (latents and scaling factor unchanged)")  # fmt: skip
@@ -129,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     log = get_logger("mgie.vae", None, 0, sys.stdout)
     init = Path(args.init) if args.init else None
     return run_command(lambda: train_vae(load_config(args.config, args.set), out, args.steps, args.batch_size,
-                                         args.lr, args.kl_weight, log, init, args.decoder_only) and 0)  # fmt: skip
+                                         args.lr, args.kl_weight, log, init, args.decoder_only, args.augment) and 0)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -146,6 +146,9 @@ class UNetConfig:
     attention_head_dim: int = 8
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
+    # From-scratch training only: start every cross-attention output projection (attn2.to_out) at
+    # zero, so the still-random conditioning cannot act as noise the UNet learns to shut out.
+    zero_init_cross_attention: bool = False
 
 
 @dataclass

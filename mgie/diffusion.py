@@ -14,13 +14,21 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
 
 from mgie.config import LossConfig, NoiseConfig, UNetConfig, VAEConfig
 
 
 def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    """A randomly initialised UNet (8 input channels: noisy latent + source latent)."""
-    return UNet2DConditionModel(
+    """A randomly initialised UNet (8 input channels: noisy latent + source latent).
+
+    With ``zero_init_cross_attention`` the cross-attention output projections start at zero: the
+    UNet then ignores the conditioning at first, and the gradient of each projection is the
+    correlation of the (edit-head) values with the edit the loss wants. Without it, a from-scratch
+    run learnt to shut the conditioning out: its variation over examples, noise to a UNet that
+    could not read it yet, shrank from 0.16 to 0.03 of its size in 1,000 steps (the shapes world).
+    """
+    unet = UNet2DConditionModel(
         sample_size=cfg.sample_size,
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
@@ -32,6 +40,12 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups,
     )
+    if cfg.zero_init_cross_attention:
+        for name, module in unet.named_modules():
+            if name.endswith("attn2.to_out.0"):  # (C, C) Linear after the cross-attention
+                nn.init.zeros_(module.weight)
+                nn.init.zeros_(module.bias)
+    return unet
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:

@@ -100,7 +100,8 @@ def mgie_shapes() -> MGIEConfig:
     Both convolutional nets normalise with one group (``norm_num_groups=1``): with SD's 32 groups
     and these 32-channel layers every group is one channel, an instance norm that erases each
     channel's mean over the image, so a flat background's colour (a tint, a new background)
-    could not pass the final norm before ``conv_out``.
+    could not pass the final norm before ``conv_out``. The UNet's cross-attention outputs start at
+    zero (``zero_init_cross_attention``), or the UNet learns to shut the random conditioning out.
     """
     mllm = MLLMConfig(
         vision=VisionConfig(
@@ -121,7 +122,7 @@ def mgie_shapes() -> MGIEConfig:
             attention_head_dim=8,
             down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=128,
-            norm_num_groups=1,
+            norm_num_groups=1, zero_init_cross_attention=True,
         ),
         vae=VAEConfig(
             block_out_channels=[32, 32], layers_per_block=1, latent_channels=4, sample_size=64,

@@ -117,6 +117,21 @@ def test_widen_conv_in_is_exact_at_init():
         widen_conv_in(unet8, 8)
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_zero_init_cross_attention_starts_blind_to_the_condition_and_learns(tiny_cfg, zero):
+    torch.manual_seed(0)
+    cfg = replace(tiny_cfg.model.diffusion.unet, zero_init_cross_attention=zero)
+    unet = build_unet(cfg)
+    outs = [m for n, m in unet.named_modules() if n.endswith("attn2.to_out.0")]
+    assert outs and all(bool((m.weight == 0).all() and (m.bias == 0).all()) == zero for m in outs)
+    x = torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    c1, c2 = torch.randn(2, 2, 5, cfg.cross_attention_dim)
+    p1, p2 = unet(x, 10, c1).sample, unet(x, 10, c2).sample
+    assert torch.equal(p1, p2) == zero  # zeroed: the condition cannot reach the output yet
+    p1.square().mean().backward()
+    assert all(m.weight.grad.abs().sum() > 0 for m in outs)  # ... but the projections learn
+
+
 def test_dropout_masks_partition_and_rates():
     cfg = LossConfig(drop_text=0.05, drop_both=0.05, drop_image=0.05)
     n = 200_000

@@ -147,7 +147,7 @@ class UNetConfig:
     cross_attention_dim: int = 768
     norm_num_groups: int = 32
     # From-scratch training only: start every cross-attention output projection (attn2.to_out) at
-    # zero, so the still-random conditioning cannot act as noise the UNet learns to shut out.
+    # zero, so the UNet reads the still-random conditioning only as far as the loss asks.
     zero_init_cross_attention: bool = False
 
 

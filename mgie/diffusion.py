@@ -24,9 +24,9 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
 
     With ``zero_init_cross_attention`` the cross-attention output projections start at zero: the
     UNet then ignores the conditioning at first, and the gradient of each projection is the
-    correlation of the (edit-head) values with the edit the loss wants. Without it, a from-scratch
-    run learnt to shut the conditioning out: its variation over examples, noise to a UNet that
-    could not read it yet, shrank from 0.16 to 0.03 of its size in 1,000 steps (the shapes world).
+    correlation of the (edit-head) values with the edit the loss wants (ControlNet's zero
+    convolutions do the same). It does not, alone, keep a fast-learning edit head from collapsing
+    to a constant output; see ``train.lr_edit_head`` in ``configs/shapes.yaml``.
     """
     unet = UNet2DConditionModel(
         sample_size=cfg.sample_size,

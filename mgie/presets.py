@@ -101,7 +101,8 @@ def mgie_shapes() -> MGIEConfig:
     and these 32-channel layers every group is one channel, an instance norm that erases each
     channel's mean over the image, so a flat background's colour (a tint, a new background)
     could not pass the final norm before ``conv_out``. The UNet's cross-attention outputs start at
-    zero (``zero_init_cross_attention``), or the UNet learns to shut the random conditioning out.
+    zero (``zero_init_cross_attention``); the recipe trains the edit head at a tenth of the UNet's
+    learning rate, or it collapses to a constant output (``configs/shapes.yaml``).
     """
     mllm = MLLMConfig(
         vision=VisionConfig(

@@ -18,6 +18,35 @@ from torch import nn
 
 from mgie.config import LossConfig, NoiseConfig, UNetConfig, VAEConfig
 
+# Config settings -> the diffusers config key of the same setting: the ones that decide what a
+# loaded folder's weights compute. A GroupNorm with other groups, or attention with other heads,
+# loads the same tensors without complaint and computes something else.
+UNET_KEYS = {
+    k: k
+    for k in (
+        "in_channels", "out_channels", "block_out_channels", "down_block_types", "up_block_types",
+        "layers_per_block", "attention_head_dim", "cross_attention_dim", "norm_num_groups",
+    )
+}  # fmt: skip
+VAE_KEYS = {k: k for k in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")}
+VAE_KEYS["mid_block_attention"] = "mid_block_add_attention"
+
+
+def architecture_mismatch(
+    section: UNetConfig | VAEConfig, folder: dict, keys: dict[str, str], where: str
+) -> str | None:
+    """The first setting of ``keys`` where a diffusers ``folder`` config differs from the config
+    ``section`` (named ``where``), as ``"its KEY=GOT differs from WHERE.ATTR=WANT"``; else ``None``."""
+    for attr, key in keys.items():
+        want, got = getattr(section, attr), folder.get(key)
+        if got is None:
+            continue
+        if isinstance(want, list):
+            got = list(got) if isinstance(got, (list, tuple)) else [got] * len(want)
+        if got != want:
+            return f"its {key}={folder.get(key)} differs from {where}.{attr}={want}"
+    return None
+
 
 def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
     """A randomly initialised UNet (8 input channels: noisy latent + source latent).

@@ -24,6 +24,9 @@ from torch import nn
 
 from mgie.config import MGIEConfig, load_config, save_config
 from mgie.diffusion import (
+    UNET_KEYS,
+    VAE_KEYS,
+    architecture_mismatch,
     build_unet,
     build_vae,
     change_weights,
@@ -265,6 +268,11 @@ class MGIEModel(nn.Module):
             mllm = make_trainable(mllm, cfg.model.mllm, cfg.model.lora, ids)
         unet = load_diffusers(UNet2DConditionModel, path / "unet", dtype)
         vae = load_diffusers(AutoencoderKL, path / "vae", dtype)
+        d = cfg.model.diffusion
+        for name, part, section, keys in (("unet", unet, d.unet, UNET_KEYS), ("vae", vae, d.vae, VAE_KEYS)):
+            wrong = architecture_mismatch(section, dict(part.config), keys, f"model.diffusion.{name}")
+            if wrong:  # the weights would load and compute something else
+                raise CheckpointError(f"{path / name}: {wrong}")
         model = cls._assemble(cfg, mllm, ids, tokenizer, unet, vae)
         state = load_file(path / "edit_head.safetensors")
         try:

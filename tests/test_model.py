@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -191,6 +193,39 @@ def test_checkpoint_errors(tmp_path, tiny_cfg, tokenizer):
         MGIEModel.from_pretrained(tmp_path / "d", overrides=["model.edit_head.num_queries=9"])
     with pytest.raises(ValueError, match="does not match"):
         MGIEModel.from_pretrained(tmp_path / "d", overrides=["model.mllm.text.intermediate_size=96"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.diffusion.unet.norm_num_groups=16", "unet: its norm_num_groups=32 differs from model.diffusion.unet.norm_num_groups=16"),
+        ("model.diffusion.unet.attention_head_dim=4", "unet: its attention_head_dim=8 differs from model.diffusion.unet.attention_head_dim=4"),
+        ("model.diffusion.vae.norm_num_groups=16", "vae: its norm_num_groups=32 differs from model.diffusion.vae.norm_num_groups=16"),
+    ],
+)  # fmt: skip
+def test_a_config_whose_diffusion_architecture_differs_from_the_folder_is_refused(
+    tmp_path, tiny_cfg, tokenizer, override, message
+):
+    """Other GroupNorm groups or attention heads fit the same tensors, so a strict state-dict load
+    would accept them and compute something else (how two baseline runs once trained a 32-group
+    UNet under a one-group config): the folder's diffusers config must agree with the config."""
+    from safetensors.torch import load_file
+
+    from mgie.config import from_dict, merge_dicts, parse_override, to_dict
+    from mgie.diffusion import build_unet, build_vae
+
+    make_model(tiny_cfg, tokenizer).save_pretrained(tmp_path / "c")
+    cfg = from_dict(merge_dicts(to_dict(tiny_cfg), parse_override(override)))
+    # The trap: the folder's weights load strictly into the config's (different) architecture.
+    d = cfg.model.diffusion
+    part, built = ("vae", build_vae(d.vae)) if ".vae." in override else ("unet", build_unet(d.unet))
+    saved = load_file(tmp_path / "c" / part / "diffusion_pytorch_model.safetensors")
+    built.load_state_dict(saved, strict=True)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        MGIEModel.from_pretrained(tmp_path / "c", cfg=cfg)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        MGIEModel.from_pretrained(tmp_path / "c", overrides=[override])
+    assert MGIEModel.from_pretrained(tmp_path / "c").cfg.model.diffusion == tiny_cfg.model.diffusion
 
 
 def test_paper_preset_parameter_counts_on_meta():

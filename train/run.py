@@ -67,11 +67,6 @@ def check_startup(cfg: MGIEConfig) -> None:
         raise ConfigError("train.max_steps, train.micro_batch_size and train.grad_accum must be >= 1")
 
 
-# model.diffusion.vae.* -> the diffusers config key of the same setting
-VAE_KEYS = {k: k for k in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")}
-VAE_KEYS["mid_block_attention"] = "mid_block_add_attention"
-
-
 def adopt_init_vae(cfg: MGIEConfig) -> None:
     """Take ``scaling_factor`` from the ``train.init_vae`` folder into the config (it is part of
     the latents the UNet learns), after checking that its architecture is the config's."""
@@ -82,13 +77,12 @@ def adopt_init_vae(cfg: MGIEConfig) -> None:
         folder = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"train.init_vae: cannot read {path}: {e}") from None
+    from mgie.diffusion import VAE_KEYS, architecture_mismatch
+
     vae = cfg.model.diffusion.vae
-    for key, theirs in VAE_KEYS.items():
-        want, got = getattr(vae, key), folder.get(theirs)
-        if got is not None and (list(got) if isinstance(want, list) else got) != want:
-            raise ConfigError(
-                f"train.init_vae: the folder's {theirs}={got} differs from model.diffusion.vae.{key}={want}"
-            )
+    wrong = architecture_mismatch(vae, folder, VAE_KEYS, "model.diffusion.vae")
+    if wrong:
+        raise ConfigError(f"train.init_vae: the folder's VAE: {wrong}")
     vae.scaling_factor = float(folder.get("scaling_factor", vae.scaling_factor))
 
 

@@ -1,0 +1,42 @@
+import json
+
+from train.compare import main
+
+
+def _report(path, rates, data="data/shapes/test", exact=0.5):
+    """A report in ``python -m mgie.evaluate``'s layout with the given edit-success rates."""
+    es = {k: {"rate": v, "n": 10} for k, v in rates.items()}
+    report = {
+        "n": 30, "data": data, "steps": 10, "inference": {"guidance": 1.5},
+        "metrics": {"l1": 0.1, "ssim": 0.8, "lpips": "unavailable: pass --lpips PATH"},
+        "edit_success": es, "expressive": {"exact_match": exact, "token_f1": 0.9, "n": 30},
+    }  # fmt: skip
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_compare_puts_each_models_rates_in_its_row_and_column(tmp_path, capsys):
+    a = _report(tmp_path / "a.json", {"all": 0.1, "kind/local": 0.2, "kind/global": 0.3, "kind/ambiguous": 0.4,
+                                      "edit/night": 0.6, "edit/biggest": 0.7})  # fmt: skip
+    b = _report(tmp_path / "b.json", {"all": 0.15, "kind/local": 0.25, "kind/ambiguous": 0.45, "edit/night": 0.65},
+                exact=None)  # fmt: skip
+    assert main([f"IP2P={a}", f"MGIE={b}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert (
+        lines[0] == "| model | local | global | ambiguous | all | expressive exact | token F1 | L1 | SSIM |"
+    )
+    assert lines[2] == "| IP2P | 0.200 | 0.300 | 0.400 | 0.100 | 0.500 | 0.900 | 0.100 | 0.800 |"
+    assert lines[3] == "| MGIE | 0.250 | - | 0.450 | 0.150 | - | 0.900 | 0.100 | 0.800 |"
+    assert lines[5] == "| edit | IP2P | MGIE |"
+    assert "| biggest (n=10) | 0.700 | - |" in lines and "| night (n=10) | 0.600 | 0.650 |" in lines
+
+
+def test_compare_refuses_reports_of_different_data(tmp_path, capsys):
+    a = _report(tmp_path / "a.json", {"all": 0.1})
+    b = _report(tmp_path / "b.json", {"all": 0.1}, data="data/shapes/val")
+    assert main([f"a={a}", f"b={b}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: b and a differ in 'data'") and err.count("\n") == 1
+    assert main(["no-equals-sign"]) == 2
+    assert main([f"a={tmp_path / 'missing.json'}"]) == 2
+    assert "missing.json" in capsys.readouterr().err

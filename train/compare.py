@@ -1,0 +1,100 @@
+"""Compare evaluation reports of several models on one manifest, as Markdown tables.
+
+``python train/compare.py NAME=REPORT.json [NAME=REPORT.json ...]`` prints the edit success per
+kind (and overall), the expressive instruction's exact match and token F1 and the pixel metrics,
+one row per model, then the edit success per edit, one column per model. The reports must come
+from ``python -m mgie.evaluate`` on the same manifest, the same number of examples and the same
+inference settings; otherwise the comparison would not be one, and the command says which differs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mgie.cli import Parser, run_command  # noqa: E402
+
+KINDS = ("local", "global", "ambiguous")
+SAME = ("data", "n", "steps", "inference")  # report fields that must agree across models
+
+
+def load_reports(items: list[str]) -> dict[str, dict]:
+    """``{name: report}`` from ``NAME=REPORT.json`` items; ``ValueError`` on a malformed item,
+    a report without edit success, or reports that differ in data, size or settings."""
+    reports: dict[str, dict] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"expected NAME=REPORT.json, got {item!r}")
+        report = json.loads(Path(path).read_text())
+        if "edit_success" not in report:
+            raise ValueError(f"{path} has no edit success (not a shapes-world report)")
+        reports[name] = report
+    first_name, first = next(iter(reports.items()))
+    for name, report in reports.items():
+        for key in SAME:
+            if report.get(key) != first.get(key):
+                raise ValueError(
+                    f"{name} and {first_name} differ in {key!r} ({report.get(key)!r} vs {first.get(key)!r})"
+                )
+    return reports
+
+
+def _rate(report: dict, key: str) -> str:
+    cell = report["edit_success"].get(key)
+    return f"{cell['rate']:.3f}" if cell else "-"
+
+
+def _score(report: dict, key: str) -> str:
+    value = report.get("expressive", {}).get(key)
+    return f"{value:.3f}" if isinstance(value, float) else "-"
+
+
+def kind_table(reports: dict[str, dict]) -> list[str]:
+    """One row per model: edit success per kind and overall, expressive scores, L1 and SSIM."""
+    head = ["model", *KINDS, "all", "expressive exact", "token F1", "L1", "SSIM"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in reports.items():
+        m = r["metrics"]
+        cells = [name, *(_rate(r, f"kind/{k}") for k in KINDS), _rate(r, "all")]
+        cells += [_score(r, "exact_match"), _score(r, "token_f1"), f"{m['l1']:.3f}", f"{m['ssim']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def edit_table(reports: dict[str, dict]) -> list[str]:
+    """One row per edit (with its kind where the report has it), one column per model."""
+    edits = sorted({k[5:] for r in reports.values() for k in r["edit_success"] if k.startswith("edit/")})
+    head = ["edit", *reports]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for edit in edits:
+        n = next(
+            r["edit_success"][f"edit/{edit}"]["n"]
+            for r in reports.values()
+            if f"edit/{edit}" in r["edit_success"]
+        )
+        lines.append(
+            f"| {edit} (n={n}) | " + " | ".join(_rate(r, f"edit/{edit}") for r in reports.values()) + " |"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; errors are one line and exit 2."""
+    p = Parser(prog="train/compare.py", description=__doc__.splitlines()[0])
+    p.add_argument("reports", nargs="+", metavar="NAME=REPORT.json")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        reports = load_reports(args.reports)
+        print("\n".join(kind_table(reports) + [""] + edit_table(reports)))
+        return 0
+
+    return run_command(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

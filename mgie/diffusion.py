@@ -41,8 +41,8 @@ def architecture_mismatch(
         want, got = getattr(section, attr), folder.get(key)
         if got is None:
             continue
-        if isinstance(want, list):
-            got = list(got) if isinstance(got, (list, tuple)) else [got] * len(want)
+        if isinstance(got, tuple):  # diffusers may keep list settings as tuples
+            got = list(got)
         if got != want:
             return f"its {key}={folder.get(key)} differs from {where}.{attr}={want}"
     return None

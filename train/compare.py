@@ -66,7 +66,7 @@ def kind_table(reports: dict[str, dict]) -> list[str]:
 
 
 def edit_table(reports: dict[str, dict]) -> list[str]:
-    """One row per edit (with its kind where the report has it), one column per model."""
+    """One row per edit (with its number of examples), one column per model."""
     edits = sorted({k[5:] for r in reports.values() for k in r["edit_success"] if k.startswith("edit/")})
     head = ["edit", *reports]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -107,8 +107,13 @@ def score(
     clip: str | None,
     dino: str | None,
     lpips: str | None,
+    writes_text: bool = True,
 ) -> dict:
-    """The report: averages of the pixel metrics, feature scores, shapes-world checks."""
+    """The report: averages of the pixel metrics, feature scores, shapes-world checks.
+
+    ``writes_text=False`` (a model that writes no expressive instruction, the IP2P baseline)
+    reports the expressive scores as unavailable rather than as zero.
+    """
     from mgie.metrics import (
         clip_scores,
         dino_score,
@@ -137,7 +142,7 @@ def score(
             for key in ("all", f"kind/{row['kind']}", f"edit/{row['edit']}", f"split/{row.get('split', '?')}",
                         f"split/{row.get('split', '?')}/kind/{row['kind']}"):  # fmt: skip
                 success[key].append(ok)
-        if rec.expressive:
+        if rec.expressive and writes_text:
             exact.append(exact_match(expressive[i], rec.expressive))
             f1.append(token_f1(expressive[i], rec.expressive))
     n = len(rows)
@@ -156,7 +161,9 @@ def score(
         report["edit_success"] = {
             k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(success.items())
         }
-    if exact:
+    if not writes_text:
+        report["expressive"] = "unavailable: the model writes no expressive instruction"
+    elif exact:
         report["expressive"] = {
             "exact_match": sum(exact) / len(exact),
             "token_f1": sum(f1) / len(f1),
@@ -241,7 +248,8 @@ def run(args) -> int:
     else:
         editor = pipeline_editor(pipe, args.steps, args.seed)
     expressive = edit_all(editor, rows, out_dir, args.batch_size, not args.quiet)
-    report = score(rows, out_dir, expressive, args.clip, args.dino, args.lpips)
+    writes_text = args.oracle == "vae" or pipe.cfg.model.mllm.expressive
+    report = score(rows, out_dir, expressive, args.clip, args.dino, args.lpips, writes_text)
     report.update(
         checkpoint=str(args.checkpoint),
         data=str(data),

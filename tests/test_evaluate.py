@@ -107,3 +107,32 @@ def test_vae_oracle_scores_reconstructions_of_the_targets(tmp_path, tiny_cfg, to
     report = json.loads((tmp_path / "oracle.json").read_text())
     assert report["expressive"]["exact_match"] == 1.0  # the oracle reports the true texts
     assert report["n"] == 3 and "edit_success" in report
+
+
+def test_a_model_that_writes_no_text_has_no_expressive_scores(tmp_path, tiny_cfg, tokenizer, capsys):
+    """The IP2P baseline writes no expressive instruction: its scores are unavailable, not zero."""
+    from mgie.config import from_dict, to_dict
+    from train.compare import main as compare
+    from train.record_metrics import main as record
+
+    d = to_dict(tiny_cfg)
+    d["model"]["mllm"].update(use_image=False, expressive=False)
+    make_model(from_dict(d), tokenizer, adapters=False).save_pretrained(tmp_path / "ckpt")
+    assert (
+        shapes.main(
+            ["--out", str(tmp_path / "world"), "--n", "2", "--seed", "3", "--split", "test", "--quiet"]
+        )
+        == 0
+    )
+    report_path = tmp_path / "ip2p.json"
+    args = ["--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "world"), "--out", str(report_path),
+            "--steps", "1", "--quiet", "--grid", "0"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads(report_path.read_text())
+    assert report["expressive"] == "unavailable: the model writes no expressive instruction"
+    assert record(["--model", str(tmp_path / "ckpt"), f"ip2p={report_path}"]) == 0
+    assert "expressive_exact" not in json.loads((tmp_path / "ckpt" / "metrics.json").read_text())["ip2p"]
+    capsys.readouterr()
+    assert compare([f"IP2P={report_path}"]) == 0
+    row = capsys.readouterr().out.splitlines()[2].split(" | ")
+    assert row[0] == "| IP2P" and row[5:7] == ["-", "-"]  # expressive exact, token F1

@@ -49,7 +49,8 @@ def _rate(report: dict, key: str) -> str:
 
 
 def _score(report: dict, key: str) -> str:
-    value = report.get("expressive", {}).get(key)
+    scores = report.get("expressive")
+    value = scores.get(key) if isinstance(scores, dict) else None  # a string: unavailable
     return f"{value:.3f}" if isinstance(value, float) else "-"
 
 

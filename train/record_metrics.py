@@ -29,7 +29,7 @@ def summary(report: dict) -> dict:
     if "edit_success" in report:
         out["edit_success"] = report["edit_success"]["all"]["rate"]
         out["edit_success_by"] = {k: v["rate"] for k, v in report["edit_success"].items() if k != "all"}
-    if "expressive" in report:
+    if isinstance(report.get("expressive"), dict):  # a string when the model writes no text
         out["expressive_exact"] = report["expressive"]["exact_match"]
         out["expressive_f1"] = report["expressive"]["token_f1"]
     return out

@@ -18,7 +18,7 @@ import torch
 from train.optim import cosine_with_warmup, deepspeed_config
 from train.run import ResumableSampler, main
 
-from .conftest import random_image
+from .conftest import make_model, random_image
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -146,18 +146,37 @@ def test_init_vae_scaling_factor_is_adopted_and_architecture_checked(tmp_path, c
 
     from mgie.config import load_config
     from mgie.diffusion import build_vae
-    from train.run import adopt_init_vae
+    from train.run import adopt_vae_scale
 
     cfg = load_config(TINY)
     build_vae(replace(cfg.model.diffusion.vae, scaling_factor=0.37)).save_pretrained(tmp_path / "vae")
     cfg.train.init_vae = str(tmp_path / "vae")
-    adopt_init_vae(cfg)
+    adopt_vae_scale(cfg)
     assert cfg.model.diffusion.vae.scaling_factor == pytest.approx(0.37)  # the latents the UNet learns
     wide = replace(cfg.model.diffusion.vae, latent_channels=8)
     build_vae(wide).save_pretrained(tmp_path / "wide")
     code = main(["--config", str(TINY), "--set", f"train.init_vae={tmp_path / 'wide'}"])
     err = capsys.readouterr().err
     assert code == 2 and "latent_channels=8 differs" in err and err.count("\n") == 1
+
+
+def test_init_from_scaling_factor_is_adopted(tmp_path, tokenizer):
+    """A run continued from a checkpoint (how a continued mgie-shapes run once exported with the
+    preset's scale 1.0 instead of its VAE's 0.47) takes the folder's VAE scale into its config."""
+    from mgie.config import load_config
+    from mgie.model import MGIEModel
+    from train.run import adopt_vae_scale
+
+    cfg = load_config(TINY)
+    cfg.model.diffusion.vae.scaling_factor = 0.37
+    make_model(cfg, tokenizer, adapters=False).save_pretrained(tmp_path / "ckpt")
+    cfg = load_config(TINY, [f"train.init_from={tmp_path / 'ckpt'}"])
+    assert cfg.model.diffusion.vae.scaling_factor != pytest.approx(0.37)
+    adopt_vae_scale(cfg)
+    assert cfg.model.diffusion.vae.scaling_factor == pytest.approx(0.37)
+    assert MGIEModel.from_pretrained(tmp_path / "ckpt", cfg=cfg).vae.config.scaling_factor == pytest.approx(
+        0.37
+    )
 
 
 # ----------------------------------------------------------------------------- end to end

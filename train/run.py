@@ -67,20 +67,24 @@ def check_startup(cfg: MGIEConfig) -> None:
         raise ConfigError("train.max_steps, train.micro_batch_size and train.grad_accum must be >= 1")
 
 
-def adopt_init_vae(cfg: MGIEConfig) -> None:
-    """Take ``scaling_factor`` from the ``train.init_vae`` folder into the config (it is part of
-    the latents the UNet learns), after checking that its architecture is the config's."""
+def adopt_vae_scale(cfg: MGIEConfig) -> None:
+    """Take ``scaling_factor`` into the config from the VAE the run starts from (``train.init_vae``,
+    else ``train.init_from``'s ``vae/``): it is part of the latents the UNet learns, and the run's
+    config is what ``train/export.py`` builds the exported model from. An ``init_vae`` folder's
+    architecture is checked against the config here; ``init_from``'s, on loading."""
     import json
 
-    path = Path(cfg.train.init_vae) / "config.json"
+    key = "init_vae" if cfg.train.init_vae else "init_from"
+    folder_path = Path(getattr(cfg.train, key)) / ("" if key == "init_vae" else "vae")
+    path = folder_path / "config.json"
     try:
         folder = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"train.init_vae: cannot read {path}: {e}") from None
+        raise ConfigError(f"train.{key}: cannot read {path}: {e}") from None
     from mgie.diffusion import VAE_KEYS, architecture_mismatch
 
     vae = cfg.model.diffusion.vae
-    wrong = architecture_mismatch(vae, folder, VAE_KEYS, "model.diffusion.vae")
+    wrong = architecture_mismatch(vae, folder, VAE_KEYS, "model.diffusion.vae") if key == "init_vae" else None
     if wrong:
         raise ConfigError(f"train.init_vae: the folder's VAE: {wrong}")
     vae.scaling_factor = float(folder.get("scaling_factor", vae.scaling_factor))
@@ -198,7 +202,7 @@ def build_model(cfg: MGIEConfig):
 
 def _load_vae(model, cfg: MGIEConfig) -> None:
     """Replace the model's VAE by ``train.init_vae`` (whose architecture and scaling factor
-    :func:`adopt_init_vae` checked against, and took into, the config)."""
+    :func:`adopt_vae_scale` checked against, and took into, the config)."""
     from diffusers import AutoencoderKL
 
     from mgie.mllm import freeze
@@ -378,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.train.output_dir:
             cfg.train.output_dir = str(Path("runs") / Path(args.config).stem)
         check_startup(cfg)
-        if cfg.train.init_vae:
-            adopt_init_vae(cfg)
+        if cfg.train.init_vae or cfg.train.init_from:
+            adopt_vae_scale(cfg)
     except ValueError as e:
         print(error_line(e), file=sys.stderr)
         return 2

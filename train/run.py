@@ -69,14 +69,19 @@ def check_startup(cfg: MGIEConfig) -> None:
 
 def adopt_vae_scale(cfg: MGIEConfig) -> None:
     """Take ``scaling_factor`` into the config from the VAE the run starts from (``train.init_vae``,
-    else ``train.init_from``'s ``vae/``): it is part of the latents the UNet learns, and the run's
-    config is what ``train/export.py`` builds the exported model from. An ``init_vae`` folder's
-    architecture is checked against the config here; ``init_from``'s, on loading."""
+    else ``train.init_from``'s ``vae/``; none: nothing to do), after checking its architecture: the
+    scale is part of the latents the UNet learns, and the run's config is what ``train/export.py``
+    builds the exported model from."""
     import json
 
-    key = "init_vae" if cfg.train.init_vae else "init_from"
-    folder_path = Path(getattr(cfg.train, key)) / ("" if key == "init_vae" else "vae")
-    path = folder_path / "config.json"
+    if cfg.train.init_vae:
+        key, path = "init_vae", Path(cfg.train.init_vae) / "config.json"
+    elif cfg.train.init_from:
+        key, path = "init_from", Path(cfg.train.init_from) / "vae" / "config.json"
+        if not path.is_file():
+            return  # not a checkpoint: loading it says what it lacks
+    else:
+        return
     try:
         folder = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -84,9 +89,9 @@ def adopt_vae_scale(cfg: MGIEConfig) -> None:
     from mgie.diffusion import VAE_KEYS, architecture_mismatch
 
     vae = cfg.model.diffusion.vae
-    wrong = architecture_mismatch(vae, folder, VAE_KEYS, "model.diffusion.vae") if key == "init_vae" else None
+    wrong = architecture_mismatch(vae, folder, VAE_KEYS, "model.diffusion.vae")
     if wrong:
-        raise ConfigError(f"train.init_vae: the folder's VAE: {wrong}")
+        raise ConfigError(f"train.{key}: the folder's VAE: {wrong}")
     vae.scaling_factor = float(folder.get("scaling_factor", vae.scaling_factor))
 
 
@@ -382,8 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if not cfg.train.output_dir:
             cfg.train.output_dir = str(Path("runs") / Path(args.config).stem)
         check_startup(cfg)
-        if cfg.train.init_vae or cfg.train.init_from:
-            adopt_vae_scale(cfg)
+        adopt_vae_scale(cfg)
     except ValueError as e:
         print(error_line(e), file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""``python -m mgie.evaluate --checkpoint DIR --data MANIFEST --out REPORT.json``: batch-edit a
-manifest and score it.
+"""``python -m mgie.evaluate --checkpoint DIR --data MANIFEST --out REPORT.json``: edit and score.
+
+Batch-edits a manifest and scores the outputs against its targets.
 
 Outputs are cached beside the report (``REPORT_outputs/<id>.png`` and ``expressive.jsonl``), so
 an interrupted run resumes. The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /

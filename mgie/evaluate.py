@@ -6,8 +6,10 @@ Outputs are cached beside the report (``REPORT_outputs/<id>.png`` and ``expressi
 an interrupted run resumes. The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /
 CLIP-T / DINO / LPIPS when ``--clip`` / ``--dino`` / ``--lpips`` weights are given (else
 "unavailable"; LPIPS is AlexNet v0.1, a raw distance, lower is better), and, for a shapes-world
-manifest, the exact edit success per kind, edit and split, and the expressive instruction's
-exact-match rate and token F1. A PNG grid shows source | target | output | expressive text for
+manifest, the exact edit success per kind, edit and split, the median anatomy of the edits
+per kind and edit (``mgie.metrics.edit_anatomy``: how much the output changed the region the
+edit should change, how far towards the target, and how much it changed elsewhere), and the
+expressive instruction's exact-match rate and token F1. A PNG grid shows source | target | output | expressive text for
 the first rows.
 """
 
@@ -20,6 +22,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -118,6 +121,7 @@ def score(
     from mgie.metrics import (
         clip_scores,
         dino_score,
+        edit_anatomy,
         edit_success,
         exact_match,
         lpips_score,
@@ -127,6 +131,7 @@ def score(
 
     sums: dict[str, float] = defaultdict(float)
     success: dict[str, list[bool]] = defaultdict(list)
+    anatomy: dict[str, list[dict[str, float]]] = defaultdict(list)
     exact, f1 = [], []
     outputs, targets, captions = [], [], []
     for i, row in rows.items():
@@ -143,6 +148,9 @@ def score(
             for key in ("all", f"kind/{row['kind']}", f"edit/{row['edit']}", f"split/{row.get('split', '?')}",
                         f"split/{row.get('split', '?')}/kind/{row['kind']}"):  # fmt: skip
                 success[key].append(ok)
+            parts = edit_anatomy(src, tgt, out)
+            for key in ("all", f"kind/{row['kind']}", f"edit/{row['edit']}"):
+                anatomy[key].append(parts)
         if rec.expressive and writes_text:
             exact.append(exact_match(expressive[i], rec.expressive))
             f1.append(token_f1(expressive[i], rec.expressive))
@@ -162,6 +170,7 @@ def score(
         report["edit_success"] = {
             k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(success.items())
         }
+        report["edit_anatomy"] = {k: _medians(v) for k, v in sorted(anatomy.items())}
     if not writes_text:
         report["expressive"] = "unavailable: the model writes no expressive instruction"
     elif exact:
@@ -171,6 +180,15 @@ def score(
             "n": len(exact),
         }
     return report
+
+
+def _medians(parts: list[dict[str, float]]) -> dict:
+    """Median of each :func:`mgie.metrics.edit_anatomy` field over examples (NaNs left out; None if all)."""
+    out: dict = {"n": len(parts)}
+    for name in parts[0]:
+        vals = [p[name] for p in parts if math.isfinite(p[name])]
+        out[name] = float(np.median(vals)) if vals else None
+    return out
 
 
 def grid(rows: dict[str, dict], out_dir: Path, expressive: dict[str, str], path: Path, n: int) -> None:

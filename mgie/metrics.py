@@ -106,6 +106,12 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)[0, 0].numpy() > 0
 
 
+def _regions(s: np.ndarray, t: np.ndarray, changed_tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """(R, keep): the pixels the ground truth changes, and those farther than 2 px from R. (H, W) each."""
+    region = np.abs(t - s).max(-1) > changed_tol  # (H, W)
+    return region, ~_dilate(region, 2)
+
+
 def edit_success(
     source: Image.Image,
     target: Image.Image,
@@ -128,8 +134,7 @@ def edit_success(
     """
     s, t = as_array(source), as_array(target, source.size)
     o = as_array(output, source.size)
-    region = np.abs(t - s).max(-1) > changed_tol  # (H, W)
-    keep = ~_dilate(region, 2)
+    region, keep = _regions(s, t, changed_tol)
     if keep.any():
         moved = np.abs(o - s)[keep]
         if moved.mean() > keep_tol or (moved.max(-1) > 0.2).mean() > stray:
@@ -140,6 +145,31 @@ def edit_success(
     err = np.abs(o - t)[region]
     nearer = np.abs(o - t).sum(-1)[region] < np.abs(o - s).sum(-1)[region]
     return bool(err.mean() <= min((1 - reach) * need, max_err) and nearer.mean() >= closer)
+
+
+def edit_anatomy(
+    source: Image.Image, target: Image.Image, output: Image.Image, changed_tol: float = 0.1
+) -> dict[str, float]:
+    """Why an edit fails: where the output changed and whether it changed the right way.
+
+    On the region R of :func:`edit_success`, with ``need`` = mean |src - tgt| there:
+    ``moved`` = mean |out - src| / need (how much the output changed R at all: 0 untouched, about 1
+    for a change of the right size, right or wrong), ``reach`` = 1 - mean |out - tgt| / need (how far
+    it got towards the target: 1 exact, 0 no closer than the source, negative farther away);
+    ``spill`` = mean |out - src| outside R dilated by 2 px (changes where the edit asks none; NaN
+    when R covers the image). A wrong colour in the right place reads moved ~1, reach ~0, spill ~0;
+    the right edit of the wrong object reads moved ~0 and a large spill. NaN fields are undefined.
+    """
+    s, t = as_array(source), as_array(target, source.size)
+    o = as_array(output, source.size)
+    region, keep = _regions(s, t, changed_tol)
+    nan = float("nan")
+    need = float(np.abs(s - t)[region].mean()) if region.any() else 0.0
+    return {
+        "moved": float(np.abs(o - s)[region].mean()) / need if need else nan,
+        "reach": 1.0 - float(np.abs(o - t)[region].mean()) / need if need else nan,
+        "spill": float(np.abs(o - s)[keep].mean()) if keep.any() else nan,
+    }
 
 
 # ----------------------------------------------------------------------------- learned features

@@ -40,6 +40,12 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     success = report["edit_success"]
     assert success["all"]["n"] == 6 and sum(v["n"] for k, v in success.items() if k.startswith("kind/")) == 6
     assert success["all"]["rate"] == 0.0  # an untrained model edits nothing right
+    anatomy = report["edit_anatomy"]
+    assert {k: v["n"] for k, v in anatomy.items()} == {
+        k: v["n"] for k, v in success.items() if "split" not in k
+    }
+    assert all(set(v) == {"n", "moved", "reach", "spill"} for v in anatomy.values())
+    assert anatomy["all"]["reach"] < 0.65  # nothing reaches the targets
     assert report["expressive"]["n"] == 6 and 0 <= report["expressive"]["token_f1"] <= 1
     assert (tmp_path / "report.png").is_file()
     outputs = tmp_path / "report_outputs"

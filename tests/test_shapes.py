@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -8,7 +9,7 @@ import pytest
 
 from mgie.data import shapes
 from mgie.data.shapes import FAMILIES, HELDOUT_COMBOS, KIND_OF, generate, make_edit, render
-from mgie.metrics import edit_success
+from mgie.metrics import edit_anatomy, edit_success
 
 
 def _digest(img) -> str:
@@ -202,3 +203,50 @@ def test_checker_rejects_wrong_global_edits():
     src, tgt = render(e.source), render(e.target)
     other = next(c for c in shapes.COLORS if c != e.target.ops[0][1])
     assert not edit_success(src, tgt, render(replace(e.source, ops=(("tint", other),))))
+
+
+# ----------------------------------------------------------------------------- failure anatomy
+
+
+def test_anatomy_by_hand():
+    from PIL import Image
+
+    src = np.zeros((16, 16, 3), np.uint8)
+    tgt = src.copy()
+    tgt[2:6, 2:6] = 255  # R: a 4 x 4 block turned white
+    half = src.copy()
+    half[2:6, 2:6] = 102  # 0.4 of the way there
+    half[12:16, 12:16] = 51  # and a 4 x 4 block changed by 0.2, far from R
+    a = edit_anatomy(*(Image.fromarray(x) for x in (src, tgt, half)))
+    keep = 256 - 64  # pixels farther than 2 px from R: 16 x 16 minus the dilated 8 x 8
+    assert a["moved"] == pytest.approx(0.4) and a["reach"] == pytest.approx(0.4)
+    assert a["spill"] == pytest.approx(16 * 0.2 / keep)
+    grey, white, black = (np.full((16, 16, 3), v, np.uint8) for v in (128, 255, 0))
+    away = edit_anatomy(*(Image.fromarray(x) for x in (grey, white, black)))  # R is the whole image
+    assert away["moved"] == pytest.approx(128 / 127) and away["reach"] == pytest.approx(1 - 255 / 127)
+    assert math.isnan(away["spill"])
+    same = edit_anatomy(*(Image.fromarray(x) for x in (src, src, src)))
+    assert math.isnan(same["moved"]) and math.isnan(same["reach"]) and same["spill"] == 0
+
+
+def test_anatomy_tells_a_wrong_colour_from_a_wrong_object():
+    rng = random.Random(1)
+    checked = 0
+    while checked < 10:
+        e = make_edit(rng, "recolour", 0)
+        if e is None or len(e.source.objects) < 2:
+            continue
+        src, tgt = render(e.source), render(e.target)
+        right = edit_anatomy(src, tgt, tgt)
+        assert right == {"moved": pytest.approx(1.0), "reach": pytest.approx(1.0), "spill": 0.0}
+        assert edit_anatomy(src, tgt, src) == {"moved": 0.0, "reach": 0.0, "spill": 0.0}
+        new = e.expressive.split()[-1]
+        changed = [o for o in e.target.objects if o not in e.source.objects][0]
+        was = [o for o in e.source.objects if o not in e.target.objects][0].color
+        other = next(c for c in shapes.COLORS if c not in (new, was))
+        objs = tuple(replace(o, color=other) if o == changed else o for o in e.target.objects)
+        colour = edit_anatomy(src, tgt, render(replace(e.target, objects=objs)))
+        assert colour["moved"] > 0.3 and colour["reach"] < 0.7 and colour["spill"] == 0, e.instruction
+        obj = edit_anatomy(src, tgt, _wrong_object(e, color=new))
+        assert obj["moved"] == 0 and obj["reach"] == 0 and obj["spill"] > 0, e.instruction
+        checked += 1

@@ -9,8 +9,8 @@ CLIP-T / DINO / LPIPS when ``--clip`` / ``--dino`` / ``--lpips`` weights are giv
 manifest, the exact edit success per kind, edit and split, the median anatomy of the edits
 per kind and edit (``mgie.metrics.edit_anatomy``: how much the output changed the region the
 edit should change, how far towards the target, and how much it changed elsewhere), and the
-expressive instruction's exact-match rate and token F1. A PNG grid shows source | target | output | expressive text for
-the first rows.
+expressive instruction's exact-match rate and token F1. A PNG grid shows source | target |
+output | expressive text for the first rows.
 """
 
 from __future__ import annotations
@@ -144,12 +144,12 @@ def score(
         targets.append(tgt)
         captions.append(row.get("output_caption") or "")
         if "kind" in row:
-            ok = edit_success(src, tgt, out)
-            for key in ("all", f"kind/{row['kind']}", f"edit/{row['edit']}", f"split/{row.get('split', '?')}",
-                        f"split/{row.get('split', '?')}/kind/{row['kind']}"):  # fmt: skip
+            keys = ("all", f"kind/{row['kind']}", f"edit/{row['edit']}")
+            split = f"split/{row.get('split', '?')}"
+            ok, parts = edit_success(src, tgt, out), edit_anatomy(src, tgt, out)
+            for key in (*keys, split, f"{split}/kind/{row['kind']}"):
                 success[key].append(ok)
-            parts = edit_anatomy(src, tgt, out)
-            for key in ("all", f"kind/{row['kind']}", f"edit/{row['edit']}"):
+            for key in keys:
                 anatomy[key].append(parts)
         if rec.expressive and writes_text:
             exact.append(exact_match(expressive[i], rec.expressive))

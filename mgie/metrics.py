@@ -106,10 +106,13 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return F.max_pool2d(t, 2 * r + 1, stride=1, padding=r)[0, 0].numpy() > 0
 
 
-def _regions(s: np.ndarray, t: np.ndarray, changed_tol: float) -> tuple[np.ndarray, np.ndarray]:
-    """(R, keep): the pixels the ground truth changes, and those farther than 2 px from R. (H, W) each."""
+def _edit_arrays(source: Image.Image, target: Image.Image, output: Image.Image, changed_tol: float):
+    """(s, t, o, R, keep): the three images as (H, W, 3) arrays at the source's size, the pixels the
+    ground truth changes (max channel change > ``changed_tol``) and those farther than 2 px from R."""
+    s, t = as_array(source), as_array(target, source.size)
+    o = as_array(output, source.size)
     region = np.abs(t - s).max(-1) > changed_tol  # (H, W)
-    return region, ~_dilate(region, 2)
+    return s, t, o, region, ~_dilate(region, 2)
 
 
 def edit_success(
@@ -132,9 +135,7 @@ def edit_success(
     fraction ``closer`` of R's pixels. Outside R dilated by 2 px, nothing may change: mean |out - src| <=
     ``keep_tol`` and at most ``stray`` of those pixels change by more than 0.2.
     """
-    s, t = as_array(source), as_array(target, source.size)
-    o = as_array(output, source.size)
-    region, keep = _regions(s, t, changed_tol)
+    s, t, o, region, keep = _edit_arrays(source, target, output, changed_tol)
     if keep.any():
         moved = np.abs(o - s)[keep]
         if moved.mean() > keep_tol or (moved.max(-1) > 0.2).mean() > stray:
@@ -160,9 +161,7 @@ def edit_anatomy(
     when R covers the image). A wrong colour in the right place reads moved ~1, reach ~0, spill ~0;
     the right edit of the wrong object reads moved ~0 and a large spill. NaN fields are undefined.
     """
-    s, t = as_array(source), as_array(target, source.size)
-    o = as_array(output, source.size)
-    region, keep = _regions(s, t, changed_tol)
+    s, t, o, region, keep = _edit_arrays(source, target, output, changed_tol)
     nan = float("nan")
     need = float(np.abs(s - t)[region].mean()) if region.any() else 0.0
     return {

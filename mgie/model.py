@@ -46,7 +46,7 @@ from mgie.mllm import (
     make_trainable,
     merged_state_dict,
 )
-from mgie.tokens import TokenIds, img_hidden_states, token_ids
+from mgie.tokens import TokenIds, img_hidden_states, text_states, token_ids
 
 FOLDER_FILES = ("config.yaml", "tokenizer", "mllm", "edit_head.safetensors", "unet", "vae")
 
@@ -141,12 +141,25 @@ class MGIEModel(nn.Module):
         ids = torch.tensor(self.ids.img, device=self.device)
         return self.mllm.get_input_embeddings()(ids)
 
-    def condition(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """UNet conditioning from a teacher-forced pass: (B, L, D) states -> (B, Q, C)."""
+    def condition(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, answer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """UNet conditioning from a teacher-forced pass: (B, L, D) states -> (B, Q, C).
+
+        With ``edit_head.read_text`` the head also reads the expressive text, the tokens of
+        ``answer`` (B, L; True over the assistant turn) before [IMG0]: their states plus input
+        embeddings (:func:`mgie.tokens.text_states`).
+        """
         h = img_hidden_states(hidden, input_ids, self.ids.img)  # (B, N, D)
         e = self.img_embeddings()  # (N, D)
         dtype = self.edit_head.llm2hid.weight.dtype
-        return self.edit_head(h.to(dtype), e.to(dtype))
+        if not self.cfg.model.edit_head.read_text:
+            return self.edit_head(h.to(dtype), e.to(dtype))
+        if answer is None:
+            raise ValueError("edit_head.read_text needs the answer span of each row")
+        both = hidden + self.mllm.get_input_embeddings()(input_ids).to(hidden.dtype)  # (B, L, D)
+        text, mask = text_states(both, input_ids, answer, self.ids.img[0])  # (B, T, D), (B, T)
+        return self.edit_head(h.to(dtype), e.to(dtype), text.to(dtype), mask)
 
     def null_condition(self, batch: int = 1) -> torch.Tensor:
         """Null text condition: the edit head on zero states plus the [IMG] embeddings; (batch, Q, C)."""
@@ -182,7 +195,7 @@ class MGIEModel(nn.Module):
         if not w.edit_weight:  # an LM-only stage (e.g. pre-training a from-scratch MLLM): no diffusion
             edit = torch.zeros((), device=lm.device)
             return MGIEOutput(loss=w.lm_weight * lm, lm_loss=lm, edit_loss=edit)
-        cond = self.condition(hidden, input_ids)  # (B, Q, C)
+        cond = self.condition(hidden, input_ids, labels != -100)  # (B, Q, C)
         null = self.null_condition()  # (1, Q, C)
         tgt = encode_target(self.vae, target, generator)  # (B, 4, h, w)
         src = encode_source(self.vae, source)  # (B, 4, h, w)

@@ -94,8 +94,11 @@ class MGIEPipeline:
         full = [p + t + list(ids.img) for p, t in zip(prompts, text_ids)]
         full_ids, full_mask = pad_sequences(full, ids.pad, side="left")
         full_ids, full_mask = full_ids.to(device), full_mask.to(device)
+        # Left padding: each row's answer (text + [IMG] tokens) is its last len(t) + N positions.
+        span = torch.tensor([len(t) + len(ids.img) for t in text_ids], device=device)  # (B,)
+        answer = torch.arange(full_ids.shape[1], device=device) >= full_ids.shape[1] - span[:, None]
         _, hidden = model.mllm_forward(full_ids, full_mask, pixels)  # (B, L, D)
-        cond = model.condition(hidden, full_ids)  # (B, Q, C)
+        cond = model.condition(hidden, full_ids, answer)  # (B, Q, C)
         expressive = [normalize_text(self.tokenizer.decode(t, skip_special_tokens=True)) for t in text_ids]
         return expressive, cond
 

@@ -185,6 +185,23 @@ def img_hidden_states(
     return hidden.gather(1, index)
 
 
+def text_states(
+    states: torch.Tensor, input_ids: torch.Tensor, answer: torch.Tensor, img0: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expressive text's rows of ``states``, left-aligned: ``(text (B, T, H), mask (B, T))``.
+
+    ``states`` (B, L, H); ``answer`` (B, L) True over the assistant turn (the labels' span in
+    training). The text is the answer's tokens before ``[IMG0]`` (id ``img0``), in order; ``T`` is
+    the longest text of the batch and ``mask`` is True at real tokens.
+    """
+    before = (input_ids == img0).int().cumsum(1) == 0  # (B, L) positions before [IMG0]
+    keep = answer & before  # (B, L)
+    t = int(keep.sum(1).max()) if keep.numel() else 0
+    order = torch.argsort((~keep).int(), dim=1, stable=True)[:, :t]  # (B, T) kept positions first
+    text = states.gather(1, order.unsqueeze(-1).expand(-1, -1, states.shape[-1]))  # (B, T, H)
+    return text, keep.gather(1, order)
+
+
 # ----------------------------------------------------------------------------- tiny tokenizer
 
 _TINY_CORPUS = f"""{SYSTEM}

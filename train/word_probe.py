@@ -51,7 +51,7 @@ def main() -> int:
                 img = Image.open(Path(args.data) / r["source"]).convert("RGB")
                 words = r["expressive"].split()
                 i = max(k for k, w in enumerate(words) if w in COLORS)
-                new = next(c for c in COLORS if c != words[i] and " " not in c)
+                new = next(c for c in COLORS if c != words[i])
                 c = condition(pipe, img, r["instruction"], r["expressive"])
                 words[i] = new
                 c2 = condition(pipe, img, r["instruction"], " ".join(words))

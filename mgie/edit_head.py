@@ -6,9 +6,9 @@ input embeddings ``E`` are projected to ``hidden_size``, a pre-norm encoder-deco
 Linear projects to the UNet's cross-attention width. Sizes come from the LLM and UNet configs.
 
 With ``read_text`` (not in the paper) the source sequence also holds the expressive text's
-tokens, each its last-layer state plus its input embedding, through the same ``in`` projection,
-plus fixed sinusoidal positions (no new weights: a paper head's folder loads as it is); padded
-text tokens are masked out of both attentions.
+tokens, each its last-layer state plus its input embedding (rescaled to the state's norm),
+through the same ``in`` projection, plus fixed sinusoidal positions (no new weights: a paper
+head's folder loads as it is); padded text tokens are masked out of both attentions.
 """
 
 from __future__ import annotations

@@ -52,6 +52,28 @@ def test_condition_reads_a_word_the_img_states_alone_may_not(tiny_cfg, tokenizer
         torch.testing.assert_close(model.null_condition(), ref)
 
 
+def test_text_tokens_are_states_plus_embeddings_at_the_states_norm(tiny_cfg, tokenizer):
+    """The head's text rows: each text token's state plus its input embedding rescaled to the
+    state's norm, recomputed here token by token in float64."""
+    model = make_model(_cfg(tiny_cfg), tokenizer, seed=5).eval()
+    b = make_batch(model, n=1)
+    ids, lab = b["input_ids"], b["labels"]
+    seen = {}
+    hook = model.edit_head.register_forward_hook(lambda mod, args, out: seen.update(text=args[2]))
+    with torch.no_grad():
+        _, h = model.mllm_forward(ids, b["attention_mask"], b["pixel_values"])
+        model.condition(h, ids, lab != -100)
+        emb = model.mllm.get_input_embeddings()(ids)
+    hook.remove()
+    img0 = (ids[0] == model.ids.img[0]).nonzero()[0, 0]
+    rows = [i for i in range(int(img0)) if lab[0, i] != -100]  # the answer before [IMG0]
+    assert rows and seen["text"].shape[1] == len(rows)
+    for j, i in enumerate(rows):
+        s, e = h[0, i].double(), emb[0, i].double()
+        want = s + e * s.norm() / e.norm()
+        torch.testing.assert_close(seen["text"][0, j].double(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_padding_and_batching_do_not_change_the_condition(tiny_cfg, tokenizer):
     """Rows padded left or right, batched, give each row's condition alone."""
     model = make_model(_cfg(tiny_cfg), tokenizer, seed=2).eval()

@@ -9,7 +9,9 @@ CLIP-T / DINO / LPIPS when ``--clip`` / ``--dino`` / ``--lpips`` weights are giv
 manifest, the exact edit success per kind, edit and split, the median anatomy of the edits
 per kind and edit (``mgie.metrics.edit_anatomy``: how much the output changed the region the
 edit should change, how far towards the target, and how much it changed elsewhere), and the
-expressive instruction's exact-match rate and token F1. A PNG grid shows source | target |
+expressive instruction's exact-match rate and token F1, and the pass rate of each check
+that makes up edit success (``mgie.metrics.edit_checks``: kept, no_stray, reach, near, closer), so
+that a failing edit says which way it fails. A PNG grid shows source | target |
 output | expressive text for the first rows.
 """
 
@@ -122,7 +124,7 @@ def score(
         clip_scores,
         dino_score,
         edit_anatomy,
-        edit_success,
+        edit_checks,
         exact_match,
         lpips_score,
         pixel_metrics,
@@ -132,6 +134,7 @@ def score(
     sums: dict[str, float] = defaultdict(float)
     success: dict[str, list[bool]] = defaultdict(list)
     anatomy: dict[str, list[dict[str, float]]] = defaultdict(list)
+    checks: dict[str, list[dict[str, bool]]] = defaultdict(list)
     exact, f1 = [], []
     outputs, targets, captions = [], [], []
     for i, row in rows.items():
@@ -146,11 +149,13 @@ def score(
         if "kind" in row:
             keys = ("all", f"kind/{row['kind']}", f"edit/{row['edit']}")
             split = f"split/{row.get('split', '?')}"
-            ok, parts = edit_success(src, tgt, out), edit_anatomy(src, tgt, out)
+            passed, parts = edit_checks(src, tgt, out), edit_anatomy(src, tgt, out)
+            ok = all(passed.values())  # = mgie.metrics.edit_success
             for key in (*keys, split, f"{split}/kind/{row['kind']}"):
                 success[key].append(ok)
             for key in keys:
                 anatomy[key].append(parts)
+                checks[key].append(passed)
         if rec.expressive and writes_text:
             exact.append(exact_match(expressive[i], rec.expressive))
             f1.append(token_f1(expressive[i], rec.expressive))
@@ -171,6 +176,9 @@ def score(
             k: {"rate": sum(v) / len(v), "n": len(v)} for k, v in sorted(success.items())
         }
         report["edit_anatomy"] = {k: _medians(v) for k, v in sorted(anatomy.items())}
+        report["edit_checks"] = {
+            k: {"n": len(v), **{c: sum(p[c] for p in v) / len(v) for c in v[0]}} for k, v in sorted(checks.items())
+        }
     if not writes_text:
         report["expressive"] = "unavailable: the model writes no expressive instruction"
     elif exact:

@@ -115,7 +115,11 @@ def _edit_arrays(source: Image.Image, target: Image.Image, output: Image.Image, 
     return s, t, o, region, ~_dilate(region, 2)
 
 
-def edit_success(
+# The names of the checks of :func:`edit_checks`, in the order they are reported.
+CHECKS = ("kept", "no_stray", "reach", "near", "closer")
+
+
+def edit_checks(
     source: Image.Image,
     target: Image.Image,
     output: Image.Image,
@@ -125,27 +129,42 @@ def edit_success(
     closer: float = 0.8,
     keep_tol: float = 0.04,
     stray: float = 0.02,
-) -> bool:
-    """Whether ``output`` performs the edit from ``source`` to the exact ground truth ``target``.
+) -> dict[str, bool]:
+    """Each check of :func:`edit_success` on its own: name (see ``CHECKS``) -> passed.
 
-    Region R = pixels the ground truth changes (max channel change > ``changed_tol``).
-    Inside R the output must cover at least ``reach`` of the way (mean |out - tgt| <=
-    (1 - reach) mean |src - tgt|), land near the target (mean |out - tgt| <= ``max_err``, which
-    tells the world's colours apart), and be closer to the target than to the source at a
-    fraction ``closer`` of R's pixels. Outside R dilated by 2 px, nothing may change: mean |out - src| <=
-    ``keep_tol`` and at most ``stray`` of those pixels change by more than 0.2.
+    Region R = pixels the ground truth changes (max channel change > ``changed_tol``); K = the
+    pixels farther than 2 px from R. ``kept``: mean |out - src| on K <= ``keep_tol``;
+    ``no_stray``: at most ``stray`` of K's pixels change by more than 0.2; ``reach``: inside R the
+    output covers at least ``reach`` of the way (mean |out - tgt| <= (1 - reach) mean |src - tgt|);
+    ``near``: mean |out - tgt| on R <= ``max_err`` (which tells the world's colours apart);
+    ``closer``: at least a fraction ``closer`` of R's pixels are nearer the target than the source.
+    A check over an empty set passes.
     """
     s, t, o, region, keep = _edit_arrays(source, target, output, changed_tol)
+    out = dict.fromkeys(CHECKS, True)
     if keep.any():
-        moved = np.abs(o - s)[keep]
-        if moved.mean() > keep_tol or (moved.max(-1) > 0.2).mean() > stray:
-            return False
-    if not region.any():
-        return True
-    need = np.abs(s - t)[region].mean()
-    err = np.abs(o - t)[region]
-    nearer = np.abs(o - t).sum(-1)[region] < np.abs(o - s).sum(-1)[region]
-    return bool(err.mean() <= min((1 - reach) * need, max_err) and nearer.mean() >= closer)
+        moved = np.abs(o - s)[keep]  # (|K|, 3)
+        out["kept"] = bool(moved.mean() <= keep_tol)
+        out["no_stray"] = bool((moved.max(-1) > 0.2).mean() <= stray)
+    if region.any():
+        need = np.abs(s - t)[region].mean()
+        err = np.abs(o - t)[region].mean()
+        nearer = np.abs(o - t).sum(-1)[region] < np.abs(o - s).sum(-1)[region]  # (|R|,)
+        out["reach"] = bool(err <= (1 - reach) * need)
+        out["near"] = bool(err <= max_err)
+        out["closer"] = bool(nearer.mean() >= closer)
+    return out
+
+
+def edit_success(source: Image.Image, target: Image.Image, output: Image.Image, **tols: float) -> bool:
+    """Whether ``output`` performs the edit from ``source`` to the exact ground truth ``target``.
+
+    Inside the region R the ground truth changes, the output must cover most of the way to the
+    target, land near it and be nearer the target than the source at most pixels; outside R
+    dilated by 2 px, nothing may change. Every one of :func:`edit_checks` (tolerances ``tols``
+    as there) must pass.
+    """
+    return all(edit_checks(source, target, output, **tols).values())
 
 
 def edit_anatomy(

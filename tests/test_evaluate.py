@@ -2,6 +2,7 @@ import json
 
 from mgie.data import shapes
 from mgie.evaluate import main
+from mgie.metrics import CHECKS
 
 from .conftest import make_model
 from .test_metrics import write_lpips_weights
@@ -46,6 +47,11 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     }
     assert all(set(v) == {"n", "moved", "reach", "spill"} for v in anatomy.values())
     assert anatomy["all"]["reach"] < 0.65  # nothing reaches the targets
+    checks = report["edit_checks"]
+    assert {k: v["n"] for k, v in checks.items()} == {k: v["n"] for k, v in anatomy.items()}
+    assert all(set(v) == {"n", *CHECKS} and all(0 <= v[c] <= 1 for c in CHECKS) for v in checks.values())
+    assert min(checks["all"][c] for c in CHECKS) < 1  # an edit that fails fails some check
+    assert all(success[k]["rate"] <= min(v[c] for c in CHECKS) for k, v in checks.items())
     assert report["expressive"]["n"] == 6 and 0 <= report["expressive"]["token_f1"] <= 1
     assert (tmp_path / "report.png").is_file()
     outputs = tmp_path / "report_outputs"

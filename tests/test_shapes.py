@@ -9,7 +9,7 @@ import pytest
 
 from mgie.data import shapes
 from mgie.data.shapes import FAMILIES, HELDOUT_COMBOS, KIND_OF, generate, make_edit, render
-from mgie.metrics import edit_anatomy, edit_success
+from mgie.metrics import CHECKS, edit_anatomy, edit_checks, edit_success
 
 
 def _digest(img) -> str:
@@ -204,6 +204,48 @@ def test_checker_rejects_wrong_global_edits():
     other = next(c for c in shapes.COLORS if c != e.target.ops[0][1])
     assert not edit_success(src, tgt, render(replace(e.source, ops=(("tint", other),))))
 
+
+
+def test_each_check_by_hand():
+    """Each check of edit success fails alone on an output built to break it, and passes just inside."""
+    from PIL import Image
+
+    def run(out):
+        return edit_checks(*(Image.fromarray(x) for x in (src, tgt, out)))
+
+    src = np.zeros((40, 40, 3), np.uint8)
+    tgt = src.copy()
+    tgt[4:12, 4:12] = 255  # R: an 8 x 8 block (64 px) turned white; K: 40 x 40 minus the dilated 12 x 12
+    keep = 1600 - 144
+    assert run(tgt) == dict.fromkeys(CHECKS, True)
+    assert run(src) == {"kept": True, "no_stray": True, "reach": False, "near": False, "closer": False}
+    # 0.35 of the way short is the limit of reach and 0.08 that of near: a 0.07 shortfall passes
+    # both, a 0.10 shortfall fails near only (0.10 <= 0.35 of the way)
+    for short, want in ((18, True), (26, False)):  # 18 / 255 = 0.07, 26 / 255 = 0.10
+        out = tgt.copy()
+        out[4:12, 4:12] = 255 - short
+        got = run(out)
+        assert got["near"] is want and got["reach"] and got["closer"] and got["kept"] and got["no_stray"]
+    out = tgt.copy()
+    out[4:6, 4:12] = 0  # a quarter of R left as it was: error 0.25 (within reach), 75% nearer (< 80%)
+    assert run(out) == {"kept": True, "no_stray": True, "reach": True, "near": False, "closer": False}
+    out[4:8, 4:12] = 0  # half of R: error 0.5 > 0.35 of the way
+    assert run(out) == {"kept": True, "no_stray": True, "reach": False, "near": False, "closer": False}
+    # stray: at most 2% of K may change by more than 0.2
+    n_ok = int(0.02 * keep)  # 29 pixels
+    for n, want in ((n_ok, True), (n_ok + 1, False)):
+        out = tgt.copy().reshape(-1, 3)
+        far = np.flatnonzero(~np.pad(np.ones((12, 12), bool), ((2, 26), (2, 26))).reshape(-1))[:n]
+        out[far] = 128  # 0.5 of a change each
+        got = run(out.reshape(40, 40, 3))
+        assert got["no_stray"] is want and got["kept"] and got["reach"], n
+    # kept: a faint change (0.05, under 0.2 so no pixel strays) over nearly all of K
+    out = tgt.copy()
+    out[14:, :] = 13  # 1,404 of K's 1,456 pixels: mean 0.049
+    out[:14, 14:] = 13
+    got = run(out)
+    assert not got["kept"] and got["no_stray"] and got["reach"] and got["near"]
+    assert edit_success(*(Image.fromarray(x) for x in (src, tgt, out))) is False
 
 # ----------------------------------------------------------------------------- failure anatomy
 

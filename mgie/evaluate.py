@@ -121,6 +121,7 @@ def score(
     reports the expressive scores as unavailable rather than as zero.
     """
     from mgie.metrics import (
+        CHECKS,
         clip_scores,
         dino_score,
         edit_anatomy,
@@ -177,7 +178,7 @@ def score(
         }
         report["edit_anatomy"] = {k: _medians(v) for k, v in sorted(anatomy.items())}
         report["edit_checks"] = {
-            k: {"n": len(v), **{c: sum(p[c] for p in v) / len(v) for c in v[0]}} for k, v in sorted(checks.items())
+            k: {"n": len(v), **{c: sum(p[c] for p in v) / len(v) for c in CHECKS}} for k, v in sorted(checks.items())
         }
     if not writes_text:
         report["expressive"] = "unavailable: the model writes no expressive instruction"

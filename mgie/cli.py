@@ -11,6 +11,7 @@ class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line and exit 2."""
 
     def error(self, message: str):
+        """Print the usage error on one line and exit with status 2."""
         self.exit(2, f"error: {message} (see --help)\n")
 
 

@@ -127,6 +127,7 @@ class Op:
     what: str = "copy"
 
     def materialize(self, get: Callable[[str, str], torch.Tensor]) -> torch.Tensor:
+        """The output tensor, from the sources that ``get(group, key)`` reads; checks the planned shape."""
         tensors = [get(g, k) for g, k in self.srcs]
         out = tensors[0] if self.fn is None else self.fn(*tensors)
         if tuple(out.shape) != self.shape:  # an internal invariant: the plan promised this shape
@@ -134,22 +135,27 @@ class Op:
         return out
 
     def source(self) -> str:
+        """Where the tensor comes from, for the conversion report."""
         return ", ".join(f"{g}:{k}" for g, k in self.srcs) or self.what
 
 
 def take(group: str, key: str, shape: Shape) -> Op:
+    """Copy ``group:key`` as is."""
     return Op(tuple(shape), ((group, key),))
 
 
 def reshaped(group: str, key: str, shape: Shape) -> Op:
+    """``group:key`` reshaped to ``shape``."""
     return Op(tuple(shape), ((group, key),), lambda t: t.reshape(shape), "reshape")
 
 
 def eye(n: int, like: tuple[str, str]) -> Op:
+    """An (n, n) identity in the dtype of the tensor ``like``."""
     return Op((n, n), (like,), lambda t: torch.eye(n, dtype=t.dtype), "identity")
 
 
 def zeros(shape: Shape, like: tuple[str, str]) -> Op:
+    """Zeros of ``shape`` in the dtype of the tensor ``like``."""
     return Op(tuple(shape), (like,), lambda t: torch.zeros(shape, dtype=t.dtype), "zeros")
 
 
@@ -160,6 +166,7 @@ def mean_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def append_mean(group: str, key: str, shape: Shape, n: int) -> Op:
+    """``group:key`` (V, D) with ``n`` mean rows appended (new token embeddings)."""
     rows, dim = shape
     return Op((rows + n, dim), ((group, key),), lambda t: mean_rows(t, n), f"append {n} mean rows")
 
@@ -183,6 +190,7 @@ def widen_conv_weight(weight: torch.Tensor, bias: torch.Tensor, in_channels: int
 
 
 def widen(group: str, wkey: str, bkey: str, shape: Shape, in_channels: int) -> Op:
+    """A ``conv_in`` weight (O, I, k, k) widened to ``in_channels`` inputs, new channels zero."""
     out_ch, _, kh, kw = shape
     return Op(
         (out_ch, in_channels, kh, kw),
@@ -212,6 +220,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def shapes(self) -> dict[str, Shapes]:
+        """Planned output shapes by part."""
         return {p: {k: op.shape for k, op in ops.items()} for p, ops in self.parts.items()}
 
 
@@ -225,19 +234,23 @@ class _Pool:
         self.ignored: list[str] = []
 
     def pop(self, key: str) -> Shape | None:
+        """Consume ``key``; a key that is absent is recorded as missing."""
         if key not in self.left:
             self.missing.append(key)
             return None
         return self.left.pop(key)
 
     def pop_optional(self, key: str) -> Shape | None:
+        """Consume ``key`` if present; absence is not an error."""
         return self.left.pop(key, None)
 
     def pop_matching(self, pattern: str) -> Shapes:
+        """Consume every key that the regular expression ``pattern`` finds."""
         rx = re.compile(pattern)
         return {k: self.left.pop(k) for k in sorted(self.left) if rx.search(k)}
 
     def ignore(self, patterns: Iterable[str]) -> None:
+        """Consume the keys that ``patterns`` match and record them as ignored."""
         for p in patterns:
             self.ignored += list(self.pop_matching(p))
 
@@ -828,6 +841,7 @@ class TensorSource:
             self._where.update(dict.fromkeys(items, store))
 
     def get(self, key: str) -> torch.Tensor:
+        """Tensor ``key``, from whichever file holds it."""
         store = self._where[key]
         return store[key] if isinstance(store, dict) else store.get_tensor(key)
 
@@ -1004,15 +1018,18 @@ class Writer:
         self.sources, self.dtype, self.log = sources, dtype, log
 
     def get(self, group: str, key: str) -> torch.Tensor:
+        """Tensor ``key`` of source ``group``."""
         return self.sources[group].get(key)
 
     def tensor(self, op: Op) -> torch.Tensor:
+        """One output tensor, cast to the target dtype, in its own memory."""
         t = op.materialize(self.get)
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
         return t.contiguous().clone()  # own memory: no views of mmap'd sources or shared storage
 
     def write_file(self, ops: Mapping[str, Op], path: Path) -> None:
+        """Write ``ops`` as one safetensors file."""
         from safetensors.torch import save_file
 
         save_file({k: self.tensor(op) for k, op in ops.items()}, str(path), metadata=SAFETENSORS_META)
@@ -1149,6 +1166,7 @@ def _write_fresh_edit_head(cfg, seed: int, dtype: torch.dtype | None, path: Path
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -1222,6 +1240,7 @@ def _clip_vision_dict(clip_dir: Path) -> dict:
 
 
 def convert_official(args, log, warn) -> Path:
+    """``official``: the MGIE release (mllm.pt, unet.pt) + LLaVA-7B-v1 + CLIP + a VAE -> an MGIE folder."""
     mgie_dir = _folder(args.mgie, "MGIE release (mllm.pt, unet.pt)")
     llava_dir = _folder(args.llava, "LLaVA-7B-v1")
     clip_dir = _folder(args.clip, "CLIP")
@@ -1255,6 +1274,7 @@ def convert_official(args, log, warn) -> Path:
 
 
 def convert_llava_v1(args, log, warn) -> Path:
+    """``llava-v1``: LLaVA-7B-v1 + CLIP + an IP2P UNet and VAE -> an MGIE folder, fresh edit head."""
     llava_dir = _folder(args.llava, "LLaVA-7B-v1")
     clip_dir = _folder(args.clip, "CLIP")
     unet_dir = component_dir(args.unet, "unet", "UNet")
@@ -1284,6 +1304,7 @@ def convert_llava_v1(args, log, warn) -> Path:
 
 
 def convert_llava_hf(args, log, warn) -> Path:
+    """``llava-hf``: a transformers LLaVA folder + an IP2P UNet and VAE -> an untrained MGIE folder."""
     from transformers import LlavaConfig
 
     src_dir = _folder(args.llava, "llava-hf")
@@ -1357,6 +1378,7 @@ def _write(args, plan, cfg, tokenizer, sources, provenance, log, fresh_edit_head
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m mgie.convert`` command line: one sub-command per source format."""
     p = Parser(
         prog="python -m mgie.convert",
         description="Convert foreign checkpoints (official MGIE release, LLaVA-7B-v1, llava-hf) into an MGIE folder.",
@@ -1430,6 +1452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m mgie.convert``: convert, print the output folder; errors are one line, exit non-zero."""
     args = build_parser().parse_args(argv)
 
     def log(msg: str) -> None:

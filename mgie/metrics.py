@@ -247,6 +247,7 @@ class _Lin(nn.Module):
         self.model = nn.Sequential(nn.Dropout(), nn.Conv2d(chn, 1, 1, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel weighted distance map, one channel."""
         return self.model(x)  # (N, C, H, W) -> (N, 1, H, W)
 
 

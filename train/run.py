@@ -131,9 +131,11 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = 0, 0
 
     def per_rank(self) -> int:
+        """Samples this rank draws per epoch."""
         return self.n // self.world
 
     def set_position(self, epoch: int, start: int) -> None:
+        """Resume from ``start`` samples into ``epoch``."""
         self.epoch, self.start = epoch, start
 
     def __iter__(self):

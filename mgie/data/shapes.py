@@ -63,6 +63,7 @@ class Obj:
 
     @property
     def name(self) -> str:
+        """``'<colour> <shape>'``, as instructions name the object."""
         return f"{self.color} {self.shape}"
 
 

@@ -31,6 +31,47 @@ def test_kinds_are_balanced_and_every_edit_occurs():
     assert {e.edit for e in ex} == set(FAMILIES)
 
 
+def test_edit_weights_scale_the_shares_and_keep_the_splits():
+    base = shapes.edit_shares()
+    assert math.isclose(sum(base.values()), 1.0) and math.isclose(base["add"], 1 / 15)
+    assert math.isclose(base["invert"], 1 / 18)
+    w = {"add": 3.0, "invert": 0.0}
+    shares = shapes.edit_shares(w)
+    total = 1 - base["invert"] + 2 * base["add"]  # independent recomputation of the renormaliser
+    assert math.isclose(shares["add"], 3 * base["add"] / total) and shares["invert"] == 0
+    assert math.isclose(shares["move"], base["move"] / total)
+    ex = generate(3000, seed=2, weights=w)
+    counts = {e: sum(x.edit == e for x in ex) for e in FAMILIES}
+    assert counts["invert"] == 0
+    for e, share in shares.items():  # binomial: within 4.5 standard deviations
+        assert abs(counts[e] - 3000 * share) <= 4.5 * math.sqrt(3000 * share * (1 - share)) + 1, e
+    assert [x.instruction for x in ex[:40]] == [x.instruction for x in generate(40, seed=2, weights=w)]
+    for e in ex:  # reweighting never lets a held-out family or combination into train
+        assert e.family != len(FAMILIES[e.edit]) - 1 and (e.edit, e.target_shape) not in HELDOUT_COMBOS
+    with pytest.raises(ValueError, match="unknown edit"):
+        shapes.edit_shares({"paint": 2.0})
+    with pytest.raises(ValueError, match=">= 0"):
+        shapes.edit_shares({"add": -1.0})
+    with pytest.raises(ValueError, match="no edit"):
+        shapes.edit_shares(dict.fromkeys(FAMILIES, 0.0))
+
+
+def test_cli_edit_weights(tmp_path, capsys):
+    from mgie.data.formats import read_jsonl
+
+    out = tmp_path / "w"
+    assert shapes.main(["--out", str(out), "--n", "30", "--edit-weights", "add=1,move=0", "--quiet"]) == 0
+    assert "edit shares: recolour" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(read_jsonl(out)) == 30 and all(r["edit"] != "move" for r in rows)
+    for bad in ("add", "add=x", "paint=2", "add=-1"):
+        with pytest.raises(SystemExit) as e:
+            shapes.main(["--out", str(tmp_path / "b"), "--n", "3", "--edit-weights", bad])
+        assert e.value.code == 2
+        assert "--edit-weights" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_splits_hold_out_families_and_combinations():
     for split in ("train", "test", "heldout_paraphrase", "heldout_combo"):
         for e in generate(300, seed=1, split=split):

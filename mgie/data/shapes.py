@@ -389,18 +389,53 @@ def allowed(split: str, edit: str, family: int, shape: str | None) -> bool:
     return heldout_combo and not heldout_family
 
 
-def generate(n: int, seed: int, split: str = "train") -> list[Example]:
+def edit_shares(weights: dict[str, float] | None = None, split: str = "train") -> dict[str, float]:
+    """Each edit's share of the examples of ``split``: by default a third per kind, split evenly
+    over the kind's edits; ``weights`` multiplies the shares of the edits it names (then they
+    are renormalised), e.g. ``{"add": 3}`` makes adds three times as frequent as by default."""
+    weights = weights or {}
+    unknown = sorted(set(weights) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown edit(s) {unknown} in the edit weights; known: {sorted(FAMILIES)}")
+    if any(not (0 <= w < float("inf")) for w in weights.values()):
+        raise ValueError(f"edit weights must be finite and >= 0, got {weights}")
+    combos = {c[0] for c in HELDOUT_COMBOS}
+    kinds = ["local"] if split == "heldout_combo" else list(KINDS)  # held-out combinations are local edits
+    base = {}
+    for kind in kinds:
+        edits = [e for e in KINDS[kind] if split != "heldout_combo" or e in combos]
+        base |= {e: 1 / (len(kinds) * len(edits)) for e in edits}
+    raw = {e: s * weights.get(e, 1.0) for e, s in base.items()}
+    total = sum(raw.values())
+    if total <= 0:
+        raise ValueError("the edit weights leave no edit to generate")
+    return {e: v / total for e, v in raw.items()}
+
+
+def generate(n: int, seed: int, split: str = "train", weights: dict[str, float] | None = None) -> list[Example]:
     """``n`` examples of ``split``, a third of each kind (``heldout_combo``: local edits only;
-    ``caption``: captions only), deterministic for (seed, split)."""
+    ``caption``: captions only), deterministic for (seed, split, weights). With ``weights`` (see
+    :func:`edit_shares`) each example's edit is drawn from the reweighted shares instead."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     rng = random.Random(f"{seed}-{split}")
     if split == "caption":
         return [_described(rng) for _ in range(n)]
+    shares = edit_shares(weights, split)
     combos = {c[0] for c in HELDOUT_COMBOS}
     kinds = ["local"] if split == "heldout_combo" else list(KINDS)  # held-out combinations are local edits
     out: list[Example] = []
     while len(out) < n:
+        if weights:  # the edit is kept until a scene hosts it, so that the shares hold exactly in expectation
+            edit = rng.choices(list(shares), weights=list(shares.values()))[0]
+            ex = None
+            while ex is None:
+                family = rng.randrange(len(FAMILIES[edit]))
+                ex = make_edit(rng, edit, family)
+                ex = ex if ex is not None and allowed(split, edit, family, ex.target_shape) else None
+            out.append(ex)
+            continue
+        # the default mix, kept draw for draw so that every data set written before is reproduced
         kind = kinds[len(out) % len(kinds)]
         edit = rng.choice([e for e in KINDS[kind] if split != "heldout_combo" or e in combos])
         family = rng.randrange(len(FAMILIES[edit]))
@@ -447,6 +482,26 @@ def world_tokenizer(vocab_size: int = 768, num_img_tokens: int = 8):
     return train_tokenizer(lines, vocab_size, num_img_tokens)
 
 
+def edit_weights(text: str) -> dict[str, float]:
+    """Parse ``EDIT=W,EDIT=W`` (the ``--edit-weights`` option) into a dict, checked by :func:`edit_shares`."""
+    import argparse
+
+    out: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected EDIT=WEIGHT, got {item!r}") from None
+    try:
+        edit_shares(out)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m mgie.data.shapes --out DIR --n N --seed S [--split SPLIT]``."""
     from mgie.cli import Parser, ranged, run_command
@@ -456,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=ranged(int, 1, 10_000_000), required=True, help="number of examples")
     p.add_argument("--seed", type=ranged(int, 0, 2**31), default=0)
     p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument(
+        "--edit-weights", type=edit_weights, metavar="EDIT=W,...",
+        help="multiply the default share of these edits, e.g. add=3,move=3 (train a model on its weak edits)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -463,7 +522,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if (out / "manifest.jsonl").exists():
             raise ValueError(f"{out / 'manifest.jsonl'} exists; choose another --out")
-        examples = generate(args.n, args.seed, args.split)
+        examples = generate(args.n, args.seed, args.split, args.edit_weights)
+        if args.edit_weights:
+            shares = edit_shares(args.edit_weights, args.split)
+            print("edit shares: " + ", ".join(f"{e} {v:.3f}" for e, v in shares.items()))
         manifest = write(examples, out, args.split, not args.quiet)
         print(f"wrote {args.n} examples to {manifest}")
         if args.split in ("train", "caption"):

@@ -389,6 +389,13 @@ def allowed(split: str, edit: str, family: int, shape: str | None) -> bool:
     return heldout_combo and not heldout_family
 
 
+def _split_edits(split: str) -> dict[str, list[str]]:
+    """The edits ``split`` draws from, per kind (``heldout_combo``: the held-out combinations' local edits)."""
+    if split == "heldout_combo":
+        return {"local": [e for e in KINDS["local"] if e in {c[0] for c in HELDOUT_COMBOS}]}
+    return {kind: list(edits) for kind, edits in KINDS.items()}
+
+
 def edit_shares(weights: dict[str, float] | None = None, split: str = "train") -> dict[str, float]:
     """Each edit's share of the examples of ``split``: by default a third per kind, split evenly
     over the kind's edits; ``weights`` multiplies the shares of the edits it names (then they
@@ -399,12 +406,8 @@ def edit_shares(weights: dict[str, float] | None = None, split: str = "train") -
         raise ValueError(f"unknown edit(s) {unknown} in the edit weights; known: {sorted(FAMILIES)}")
     if any(not (0 <= w < float("inf")) for w in weights.values()):
         raise ValueError(f"edit weights must be finite and >= 0, got {weights}")
-    combos = {c[0] for c in HELDOUT_COMBOS}
-    kinds = ["local"] if split == "heldout_combo" else list(KINDS)  # held-out combinations are local edits
-    base = {}
-    for kind in kinds:
-        edits = [e for e in KINDS[kind] if split != "heldout_combo" or e in combos]
-        base |= {e: 1 / (len(kinds) * len(edits)) for e in edits}
+    kinds = _split_edits(split)
+    base = {e: 1 / (len(kinds) * len(edits)) for edits in kinds.values() for e in edits}
     raw = {e: s * weights.get(e, 1.0) for e, s in base.items()}
     total = sum(raw.values())
     if total <= 0:
@@ -421,23 +424,21 @@ def generate(n: int, seed: int, split: str = "train", weights: dict[str, float] 
     rng = random.Random(f"{seed}-{split}")
     if split == "caption":
         return [_described(rng) for _ in range(n)]
-    shares = edit_shares(weights, split)
-    combos = {c[0] for c in HELDOUT_COMBOS}
-    kinds = ["local"] if split == "heldout_combo" else list(KINDS)  # held-out combinations are local edits
+    kinds = list(_split_edits(split).items())
+    shares = edit_shares(weights, split) if weights else None
     out: list[Example] = []
     while len(out) < n:
-        if weights:  # the edit is kept until a scene hosts it, so that the shares hold exactly in expectation
+        if shares:  # the edit is kept until a scene hosts it, so that the shares hold exactly in expectation
             edit = rng.choices(list(shares), weights=list(shares.values()))[0]
-            ex = None
-            while ex is None:
+            while True:
                 family = rng.randrange(len(FAMILIES[edit]))
                 ex = make_edit(rng, edit, family)
-                ex = ex if ex is not None and allowed(split, edit, family, ex.target_shape) else None
+                if ex is not None and allowed(split, edit, family, ex.target_shape):
+                    break
             out.append(ex)
             continue
         # the default mix, kept draw for draw so that every data set written before is reproduced
-        kind = kinds[len(out) % len(kinds)]
-        edit = rng.choice([e for e in KINDS[kind] if split != "heldout_combo" or e in combos])
+        edit = rng.choice(kinds[len(out) % len(kinds)][1])
         family = rng.randrange(len(FAMILIES[edit]))
         ex = make_edit(rng, edit, family)
         if ex is not None and allowed(split, edit, family, ex.target_shape):

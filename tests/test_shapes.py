@@ -127,6 +127,31 @@ def test_added_objects_sit_where_the_instruction_says():
         assert shapes.CORNERS[new.cell] in e.instruction
 
 
+@pytest.mark.parametrize("family", range(len(FAMILIES["resize"])))
+def test_resize_instructions_name_the_size_the_object_ends_with(family):
+    """A resize is one step; an instruction that names a size ("change the size of the red square
+    to medium") names the target's, and one that names a direction ("make it bigger", "shrink it")
+    names the step's, so the target follows from the words (it once said "to small" for large ->
+    medium)."""
+    rng, seen = random.Random(11), set()
+    for _ in range(200):
+        e = make_edit(rng, "resize", family)
+        if e is None:
+            continue
+        (old,) = set(e.source.objects) - set(e.target.objects)
+        (new,) = set(e.target.objects) - set(e.source.objects)
+        order = list(shapes.SIDES)
+        step = order.index(new.size) - order.index(old.size)
+        words = e.instruction.split()
+        assert abs(step) == 1 and e.expressive.endswith(new.size)
+        named = [w for w in words if w in shapes.SIDES]
+        if "{adj}" in FAMILIES["resize"][family]:
+            assert named == [new.size], e.instruction
+        else:
+            assert not named and bool({"bigger", "enlarge"} & set(words)) == (step == 1), e.instruction
+        seen.add((old.size, new.size))
+    assert len(seen) == 4  # small -> medium, medium -> large, and back
+
 def test_ground_truth_is_consistent():
     """The target differs from the source where the expressive text says, and only there."""
     for e in generate(300, seed=2):

@@ -12,7 +12,8 @@ without anti-aliasing so every pixel of a target is exact. 64 px keeps the small
 Each example: source, target, a terse ``instruction`` from a template family, the concise
 ``expressive`` instruction that spells the operation out, its ``kind`` (local, global,
 ambiguous) and ``edit``. The target follows from the source and the instruction alone (an added
-object sits at the centre of the named cell). Paraphrase families marked held out (new
+object sits at the centre of the named cell; a resize is one step, its instruction names the
+direction or the size the object ends with). Paraphrase families marked held out (new
 combinations of words the training text has), and the (edit, shape) combinations in
 ``HELDOUT_COMBOS``, never occur in the ``train``/``test`` splits; ``heldout_paraphrase`` and
 ``heldout_combo`` contain only them. The tokenizer is the same for every data set written
@@ -177,9 +178,9 @@ KIND_OF = {e: k for k, edits in KINDS.items() for e in edits} | {"describe": "ca
 CAPTION_FAMILIES = ["describe the image", "what is in the image", "describe the picture"]
 TEXTURE_WORDS = {"plain": "plain", "stripes": "striped", "checker": "checked"}
 WORDS = {  # direction-dependent words of the templates
-    "up": {"bigger": "bigger", "enlarge": "enlarge", "adj": "large", "brighter": "brighter",
+    "up": {"bigger": "bigger", "enlarge": "enlarge", "brighter": "brighter",
            "brighten": "brighten", "increase": "increase", "more": "more"},
-    "down": {"bigger": "smaller", "enlarge": "shrink", "adj": "small", "brighter": "darker",
+    "down": {"bigger": "smaller", "enlarge": "shrink", "brighter": "darker",
              "brighten": "darken", "increase": "decrease", "more": "less"},
 }  # fmt: skip
 
@@ -277,8 +278,10 @@ def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
             return None
         centred = replace(o, dx=0, dy=0)  # so that the size is the only change
         src, tgt = _swap(src, o, centred), _swap(src, o, replace(centred, size=order[i]))
+        # "{adj}" names the size the object ends with ("change the size of it to medium"); "bigger",
+        # "shrink" ... name the direction of the one step
         return Example(
-            src, tgt, _fill(tmpl, name=o.name, **w), f"make the {o.name} {order[i]}", edit, family, o.shape
+            src, tgt, _fill(tmpl, name=o.name, adj=order[i], **w), f"make the {o.name} {order[i]}", edit, family, o.shape
         )
     if edit == "add":
         src = _random_scene(rng, 0, 3)

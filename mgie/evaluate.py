@@ -3,7 +3,9 @@
 Batch-edits a manifest and scores the outputs against its targets.
 
 Outputs are cached beside the report (``REPORT_outputs/<id>.png`` and ``expressive.jsonl``), so
-an interrupted run resumes. The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /
+an interrupted run resumes; a cached output is reused only for the row it was made from (same
+instruction, source and target) and only by the settings it was made with (checkpoint, steps,
+seed, overrides: ``settings.json``; other settings are refused with an error). The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /
 CLIP-T / DINO / LPIPS when ``--clip`` / ``--dino`` / ``--lpips`` weights are given (else
 "unavailable"; LPIPS is AlexNet v0.1, a raw distance, lower is better), and, for a shapes-world
 manifest, the exact edit success per kind, edit and split, the median anatomy of the edits
@@ -41,16 +43,43 @@ def _rows(manifest: Path) -> dict[str, dict]:
     return {r.id: {**row, "record": r} for r, row in zip(records, raw)}
 
 
-def _cached(out_dir: Path) -> dict[str, str]:
+def _row_key(row: dict) -> str:
+    """What a cached output was made from: the record's instruction, source and target."""
+    r = row["record"]
+    return json.dumps([r.instruction, repr(r.source), repr(r.target)])
+
+
+def _cached(out_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
+    """``{id: expressive}`` of the cached outputs that were made from the rows as they are now
+    (the last line of an id wins; an output of an edited row is made again)."""
     f = out_dir / "expressive.jsonl"
     if not f.is_file():
         return {}
     done = {}
     for line in f.read_text().splitlines():
         item = json.loads(line)
-        if (out_dir / f"{_file_id(item['id'])}.png").is_file():
-            done[item["id"]] = item["expressive"]
+        i = item["id"]
+        fresh = i in rows and item.get("key") == _row_key(rows[i])
+        if fresh and (out_dir / f"{_file_id(i)}.png").is_file():
+            done[i] = item["expressive"]
+        else:
+            done.pop(i, None)
     return done
+
+
+def check_settings(out_dir: Path, settings: dict) -> None:
+    """Refuse to resume into ``out_dir`` if its outputs were made with other settings (another
+    checkpoint, step count, seed or override); record the settings of a new folder."""
+    f = out_dir / "settings.json"
+    if f.is_file():
+        before = json.loads(f.read_text())
+        if before != settings:
+            changed = ", ".join(k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k))
+            raise ValueError(f"{out_dir} holds outputs made with other settings ({changed}): "
+                             "pass another --out or delete that folder")  # fmt: skip
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(settings, indent=2))
 
 
 def _file_id(record_id: str) -> str:
@@ -88,7 +117,7 @@ def edit_all(editor, rows: dict[str, dict], out_dir: Path, batch: int, progress:
     from tqdm.auto import tqdm
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    done = _cached(out_dir)
+    done = _cached(out_dir, rows)
     todo = [i for i in rows if i not in done]
     with open(out_dir / "expressive.jsonl", "a") as log, tqdm(total=len(rows), initial=len(done),
                                                              desc="edit", disable=not progress) as bar:  # fmt: skip
@@ -99,7 +128,7 @@ def edit_all(editor, rows: dict[str, dict], out_dir: Path, batch: int, progress:
                 tmp = out_dir / f".{_file_id(i)}.png"
                 img.save(tmp, format="PNG")
                 os.replace(tmp, out_dir / f"{_file_id(i)}.png")
-                log.write(json.dumps({"id": i, "expressive": text}) + "\n")
+                log.write(json.dumps({"id": i, "expressive": text, "key": _row_key(rows[i])}) + "\n")
                 done[i] = text
             log.flush()
             bar.update(len(ids))
@@ -248,7 +277,7 @@ def build_parser() -> Parser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting of the checkpoint's config, e.g. inference.guidance=2")  # fmt: skip
     p.add_argument("--device", default="auto")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -269,8 +298,15 @@ def run(args) -> int:
     if args.limit:
         rows = dict(list(rows.items())[: args.limit])
     device = resolve_device(args.device)
+    if args.quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     pipe = MGIEPipeline.from_pretrained(args.checkpoint, str(device), torch.float32, args.set)
     out_dir = report_path.with_name(report_path.stem + "_outputs")
+    check_settings(out_dir, {"checkpoint": str(Path(args.checkpoint).resolve()), "oracle": args.oracle,
+                             "steps": args.steps or pipe.cfg.inference.steps, "seed": args.seed,
+                             "overrides": list(args.set or [])})  # fmt: skip
     if args.oracle == "vae":
         editor = vae_oracle(pipe.model.vae)
     else:

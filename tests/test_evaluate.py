@@ -72,6 +72,19 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     assert kept["metrics"]["lpips"] == lpips
     assert record(["--model", str(tmp_path / "ckpt"), "oops"]) == 2
 
+    # a cached output is reused only for the row it was made from, by the settings it was made with
+    capsys.readouterr()
+    assert main([*args[:-6], "3", *args[-5:]]) == 2  # --steps 3 instead of 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "other settings (steps)" in err  # --quiet: the error line alone
+    manifest = tmp_path / "world" / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[1]["instruction"] = "make it look like night"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(args) == 0
+    now = {p.name: p.stat().st_mtime_ns for p in outputs.glob("*.png")}
+    assert [n for n in now if now[n] != stamps[n]] == [f"{rows[1]['id']}.png"]
+
 
 def test_evaluate_bad_input(tmp_path, capsys):
     assert (

@@ -4,8 +4,8 @@ Batch-edits a manifest and scores the outputs against its targets.
 
 Outputs are cached beside the report (``REPORT_outputs/<id>.png`` and ``expressive.jsonl``), so
 an interrupted run resumes; a cached output is reused only for the row it was made from (same
-instruction, source and target) and only by the settings it was made with (checkpoint, steps,
-seed, overrides: ``settings.json``; other settings are refused with an error). The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /
+instruction, source and target) and only by the settings it was made with (checkpoint path,
+overrides and the resolved inference settings: ``settings.json``; others are refused with an error). The report holds the pixel metrics (L1, L2, PSNR, SSIM), CLIP-I /
 CLIP-T / DINO / LPIPS when ``--clip`` / ``--dino`` / ``--lpips`` weights are given (else
 "unavailable"; LPIPS is AlexNet v0.1, a raw distance, lower is better), and, for a shapes-world
 manifest, the exact edit success per kind, edit and split, the median anatomy of the edits
@@ -69,12 +69,14 @@ def _cached(out_dir: Path, rows: dict[str, dict]) -> dict[str, str]:
 
 def check_settings(out_dir: Path, settings: dict) -> None:
     """Refuse to resume into ``out_dir`` if its outputs were made with other settings (another
-    checkpoint, step count, seed or override); record the settings of a new folder."""
+    checkpoint path or override, or other resolved inference settings: steps, guidance, seed ...);
+    record the settings of a new folder. The checkpoint's weights are not compared."""
     f = out_dir / "settings.json"
     if f.is_file():
         before = json.loads(f.read_text())
         if before != settings:
-            changed = ", ".join(k for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k))
+            keys = sorted(set(before) | set(settings))
+            changed = ", ".join(k for k in keys if before.get(k) != settings.get(k))
             raise ValueError(f"{out_dir} holds outputs made with other settings ({changed}): "
                              "pass another --out or delete that folder")  # fmt: skip
         return
@@ -304,9 +306,12 @@ def run(args) -> int:
         hf_logging.disable_progress_bar()
     pipe = MGIEPipeline.from_pretrained(args.checkpoint, str(device), torch.float32, args.set)
     out_dir = report_path.with_name(report_path.stem + "_outputs")
+    inference = {**to_dict(pipe.cfg.inference), "steps": args.steps or pipe.cfg.inference.steps}
+    if args.seed is not None:
+        inference["seed"] = args.seed
+    # the resolved settings, not only the flags: a checkpoint whose config changed is caught too
     check_settings(out_dir, {"checkpoint": str(Path(args.checkpoint).resolve()), "oracle": args.oracle,
-                             "steps": args.steps or pipe.cfg.inference.steps, "seed": args.seed,
-                             "overrides": list(args.set or [])})  # fmt: skip
+                             "overrides": list(args.set), **inference})  # fmt: skip
     if args.oracle == "vae":
         editor = vae_oracle(pipe.model.vae)
     else:

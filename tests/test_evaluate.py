@@ -77,6 +77,11 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     assert main([*args[:-6], "3", *args[-5:]]) == 2  # --steps 3 instead of 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "other settings (steps)" in err  # --quiet: the error line alone
+    config = tmp_path / "ckpt" / "config.yaml"  # the same flags, but the checkpoint's default changed
+    text = config.read_text()
+    config.write_text(text.replace("image_guidance: 1.5", "image_guidance: 1.25", 1))
+    assert main(args) == 2 and "other settings (image_guidance)" in capsys.readouterr().err
+    config.write_text(text)
     manifest = tmp_path / "world" / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     rows[1]["instruction"] = "make it look like night"

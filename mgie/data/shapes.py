@@ -281,8 +281,9 @@ def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
         # "{adj}" names the size the object ends with ("change the size of it to medium"); "bigger",
         # "shrink" ... name the direction of the one step
         return Example(
-            src, tgt, _fill(tmpl, name=o.name, adj=order[i], **w), f"make the {o.name} {order[i]}", edit, family, o.shape
-        )
+            src, tgt, _fill(tmpl, name=o.name, adj=order[i], **w), f"make the {o.name} {order[i]}",
+            edit, family, o.shape,
+        )  # fmt: skip
     if edit == "add":
         src = _random_scene(rng, 0, 3)
         free = [c for c in range(4) if c not in {x.cell for x in src.objects}]

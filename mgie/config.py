@@ -246,6 +246,9 @@ class DataConfig:
     dataset: Literal["ipr2pr", "magicbrush", "gier", "evr", "ma5k", "jsonl", "shapes"] = "jsonl"
     path: str = ""
     split: str = "train"
+    # A JSONL manifest of image-text pairs (e.g. the shapes world's caption split) mixed into the
+    # training set at its share of the rows; they train the instruction CE only (no edit to learn).
+    captions: str = ""
     crop_side: int = 512  # centre square resized to this before CLIP and diffusion (0 = keep its size)
     resolution: int = 256  # diffusion crop (paper: 256x256)
     max_instruction_tokens: int = 64

@@ -184,22 +184,29 @@ class MGIEModel(nn.Module):
         pixel_values,
         source,
         target,
+        has_edit: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> MGIEOutput:
         """Both MGIE losses for a batch.
 
         ``input_ids``/``attention_mask``/``labels`` (B, L) with the assistant turn supervised;
-        ``pixel_values`` (B, 3, S, S) CLIP input; ``source``/``target`` (B, 3, H, W) in [-1, 1].
+        ``pixel_values`` (B, 3, S, S) CLIP input; ``source``/``target`` (B, 3, H, W) in [-1, 1];
+        ``has_edit`` (B,) bool, False for rows with no edit to learn (image-text pairs: the CE only;
+        None: every row). The editing loss is the mean over the rows with an edit.
         """
         w = self.cfg.model.loss
         logits, hidden = self.mllm_forward(input_ids, attention_mask, pixel_values)
         lm = nn.functional.cross_entropy(  # next-token CE over the assistant turn
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
         )
-        if not w.edit_weight:  # an LM-only stage (e.g. pre-training a from-scratch MLLM): no diffusion
+        if has_edit is not None and not has_edit.all():
+            keep = has_edit.nonzero().squeeze(1)  # (B',) the rows with an edit
+            hidden, input_ids, labels = hidden[keep], input_ids[keep], labels[keep]
+            source, target = source[keep], target[keep]
+        if not w.edit_weight or not len(source):  # an LM-only stage or batch: no diffusion
             edit = torch.zeros((), device=lm.device)
             return MGIEOutput(loss=w.lm_weight * lm, lm_loss=lm, edit_loss=edit)
-        cond = self.condition(hidden, input_ids, labels != -100)  # (B, Q, C)
+        cond = self.condition(hidden, input_ids, labels != -100)  # (B', Q, C)
         null = self.null_condition()  # (1, Q, C)
         tgt = encode_target(self.vae, target, generator)  # (B, 4, h, w)
         src = encode_source(self.vae, source)  # (B, 4, h, w)

@@ -101,6 +101,30 @@ def test_lm_only_stage_skips_the_diffusion_branch(tiny_cfg, tokenizer):
     assert lm_only.edit_loss == 0 and not calls
 
 
+def test_rows_without_an_edit_train_the_ce_only(tiny_cfg, tokenizer):
+    """``has_edit`` False (image-text pairs): the CE covers every row, the editing loss is the one of
+    the edit rows alone, and a batch without an edit runs no UNet."""
+    model = make_model(tiny_cfg, tokenizer)
+    batch = make_batch(model, n=3)
+    full = model(**batch, generator=torch.Generator().manual_seed(0))
+    mixed = model(
+        **batch, has_edit=torch.tensor([True, False, True]), generator=torch.Generator().manual_seed(0)
+    )
+    rows = torch.tensor([0, 2])
+    alone = model(**{k: v[rows] for k, v in batch.items()}, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mixed.lm_loss, full.lm_loss)
+    torch.testing.assert_close(mixed.edit_loss, alone.edit_loss)
+    assert not torch.allclose(mixed.edit_loss, full.edit_loss)
+    torch.testing.assert_close(mixed.loss, mixed.lm_loss + 0.5 * mixed.edit_loss)
+    calls = []
+    model.unet.register_forward_hook(lambda *a: calls.append(1))
+    none = model(
+        **batch, has_edit=torch.zeros(3, dtype=torch.bool), generator=torch.Generator().manual_seed(0)
+    )
+    assert none.edit_loss == 0 and not calls
+    torch.testing.assert_close(none.loss, full.lm_loss)
+
+
 def test_change_weighting_leaves_unchanged_images_alone(tiny_cfg, tokenizer):
     """With source == target every weight is 1, so change_weight gives the plain loss; with an
     edit it gives another one."""

@@ -258,6 +258,25 @@ def test_single_process_trains_checkpoints_and_exports(tmp_path, manifest, capsy
     assert export_main(args) == 2 and "encoder differs" in capsys.readouterr().err
 
 
+def test_captions_are_mixed_in_for_the_ce_only(tmp_path, manifest):
+    """data.captions: its rows join the training set, flagged as having no edit to learn."""
+    from mgie.config import load_config
+    from mgie.data.dataset import collate
+    from train.run import build_data, build_model
+
+    cfg = load_config(TINY, overrides(tmp_path / "run", manifest, f"data.captions={manifest}")[1::2])
+    model = build_model(cfg)
+    dataset, *_ = build_data(cfg, model, 0, 1)
+    assert len(dataset) == 8 and dataset.num_edits == 4
+    batch = collate([dataset[i] for i in (0, 5, 3, 7)], model.ids.pad)
+    assert batch["has_edit"].tolist() == [True, False, True, False]
+    cmd = train_cmd(
+        [sys.executable], tmp_path / "run", manifest, f"data.captions={manifest}", "train.max_steps=3"
+    )
+    log = run_ok(cmd)
+    assert "8 examples (4 of them image-text pairs" in log and len(losses(log)) == 3
+
+
 def test_resume_matches_an_uninterrupted_run(tmp_path, manifest):
     full = tmp_path / "full"
     run_ok(train_cmd([sys.executable], full, manifest, "train.max_steps=6", "train.save_every=3"))

@@ -155,7 +155,8 @@ def build_data(cfg: MGIEConfig, model, rank: int, world: int):
     from mgie.data.formats import load_records
 
     records = load_records(cfg.data.dataset, cfg.data.path, cfg.data.split)
-    dataset = EditDataset(records, model.tokenizer, model.ids, cfg)
+    captions = load_records("jsonl", cfg.data.captions) if cfg.data.captions else []
+    dataset = EditDataset(records, model.tokenizer, model.ids, cfg, captions)
     sampler = ResumableSampler(len(dataset), rank, world, cfg.train.seed)
     per_epoch = sampler.per_rank() // cfg.train.micro_batch_size
     if per_epoch == 0:
@@ -282,10 +283,12 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
     # data
     dataset, sampler, make_loader, per_epoch = build_data(cfg, model, rank, world)
     log.info(
-        "data: %s at %s, %d examples, %d micro-batches per epoch per rank",
+        "data: %s at %s, %d examples (%d of them image-text pairs from %s), %d micro-batches per epoch per rank",
         cfg.data.dataset,
         cfg.data.path,
         len(dataset),
+        len(dataset) - dataset.num_edits,
+        cfg.data.captions or "-",
         per_epoch,
     )
 

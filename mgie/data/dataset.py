@@ -33,12 +33,24 @@ def _resize(img: Image.Image, side: int) -> Image.Image:
 
 
 class EditDataset(Dataset):
-    """Turns records into ``input_ids``/``labels`` (assistant turn only), CLIP pixels and images."""
+    """Turns records into ``input_ids``/``labels`` (assistant turn only), CLIP pixels and images.
 
-    def __init__(self, records: list[EditRecord], tokenizer, ids: TokenIds, cfg: MGIEConfig):
+    ``captions`` (image-text pairs) follow the edit ``records``; their items say ``has_edit`` False,
+    so they train the instruction CE only.
+    """
+
+    def __init__(
+        self,
+        records: list[EditRecord],
+        tokenizer,
+        ids: TokenIds,
+        cfg: MGIEConfig,
+        captions: list[EditRecord] = (),
+    ):
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-        self.records, self.tokenizer, self.ids, self.cfg = records, tokenizer, ids, cfg
+        self.records, self.tokenizer, self.ids, self.cfg = [*records, *captions], tokenizer, ids, cfg
+        self.num_edits = len(records)
         v = cfg.model.mllm.vision
         self.num_patches = prompt_image_tokens(cfg.model.mllm)
         self.clip = CLIPImageProcessorPil(
@@ -78,6 +90,7 @@ class EditDataset(Dataset):
             "pixel_values": self.clip(images=[src], return_tensors="pt")["pixel_values"][0],  # (3, S, S)
             "source": to_tensor([_resize(src, res)])[0],  # (3, R, R)
             "target": to_tensor([_resize(tgt, res)])[0],  # (3, R, R)
+            "has_edit": i < self.num_edits,
         }
 
 
@@ -90,4 +103,5 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": mask,
         "labels": labels,
         **{k: torch.stack([it[k] for it in items]) for k in ("pixel_values", "source", "target")},
+        "has_edit": torch.tensor([it["has_edit"] for it in items]),  # (B,) bool
     }

@@ -209,7 +209,8 @@ def score(
         }
         report["edit_anatomy"] = {k: _medians(v) for k, v in sorted(anatomy.items())}
         report["edit_checks"] = {
-            k: {"n": len(v), **{c: sum(p[c] for p in v) / len(v) for c in CHECKS}} for k, v in sorted(checks.items())
+            k: {"n": len(v), **{c: sum(p[c] for p in v) / len(v) for c in CHECKS}}
+            for k, v in sorted(checks.items())
         }
     if not writes_text:
         report["expressive"] = "unavailable: the model writes no expressive instruction"

@@ -152,6 +152,7 @@ def test_resize_instructions_name_the_size_the_object_ends_with(family):
         seen.add((old.size, new.size))
     assert len(seen) == 4  # small -> medium, medium -> large, and back
 
+
 def test_ground_truth_is_consistent():
     """The target differs from the source where the expressive text says, and only there."""
     for e in generate(300, seed=2):
@@ -271,7 +272,6 @@ def test_checker_rejects_wrong_global_edits():
     assert not edit_success(src, tgt, render(replace(e.source, ops=(("tint", other),))))
 
 
-
 def test_each_check_by_hand():
     """Each check of edit success fails alone on an output built to break it, and passes just inside."""
     from PIL import Image
@@ -312,6 +312,7 @@ def test_each_check_by_hand():
     got = run(out)
     assert not got["kept"] and got["no_stray"] and got["reach"] and got["near"]
     assert edit_success(*(Image.fromarray(x) for x in (src, tgt, out))) is False
+
 
 # ----------------------------------------------------------------------------- failure anatomy
 

@@ -419,7 +419,9 @@ def edit_shares(weights: dict[str, float] | None = None, split: str = "train") -
     return {e: v / total for e, v in raw.items()}
 
 
-def generate(n: int, seed: int, split: str = "train", weights: dict[str, float] | None = None) -> list[Example]:
+def generate(
+    n: int, seed: int, split: str = "train", weights: dict[str, float] | None = None
+) -> list[Example]:
     """``n`` examples of ``split``, a third of each kind (``heldout_combo``: local edits only;
     ``caption``: captions only), deterministic for (seed, split, weights). With ``weights`` (see
     :func:`edit_shares`) each example's edit is drawn from the reweighted shares instead."""

@@ -154,6 +154,11 @@ class UNetConfig:
     # From-scratch training only: start every cross-attention output projection (attn2.to_out) at
     # zero, so the UNet reads the still-random conditioning only as far as the loss asks.
     zero_init_cross_attention: bool = False
+    # Beyond the paper: 2 appends the latent cell's (x, y) coordinates in [-1, 1] as the last two
+    # input channels (CoordConv), so that the UNet knows where in the image a cell is; a convolution
+    # knows it only from the zero padding, and mgie-shapes drew an added object in the wrong corner.
+    # in_channels then counts them: 2 x latent channels + coord_channels.
+    coord_channels: int = 0
 
 
 @dataclass
@@ -254,6 +259,12 @@ class DataConfig:
     max_instruction_tokens: int = 64
     max_expressive_tokens: int = 64
     num_workers: int = 2
+    # Training-time rewording of the terse instructions (beyond the paper; 0 = as written, as the
+    # paper trains): the share of rows whose instruction is their expressive text itself, and the
+    # probability that each word of an instruction that its expressive text does not contain (the
+    # wording, not the content) is dropped. See mgie.data.dataset.reword.
+    explicit_instructions: float = 0.0
+    wording_dropout: float = 0.0
 
 
 @dataclass
@@ -263,6 +274,10 @@ class TrainConfig:
     output_dir: str = ""  # "" = runs/<config file name without .yaml>
     init_from: str = ""  # an MGIE checkpoint folder to start from ("" = random init from the config)
     init_vae: str = ""  # a diffusers AutoencoderKL folder (train/vae.py) for the model (also over init_from)
+    # When init_from's UNet lacks the coordinate channels the config asks for, their conv_in weights
+    # start as this multiple of a fresh conv_in's default draw (0: zero, init_from's function
+    # exactly; mgie-shapes then moved them by 0.003 in 1,000 steps, 4% of a latent channel's).
+    coord_init: float = 0.0
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 4  # per process
@@ -446,8 +461,18 @@ def validate(cfg: MGIEConfig) -> None:
         raise ConfigError(f"model.loss drop probabilities must be >= 0 and sum to <= 1, got {drops}")
     if m.mllm.vision.image_size % m.mllm.vision.patch_size:
         raise ConfigError("model.mllm.vision.image_size must be a multiple of patch_size")
-    if m.diffusion.unet.in_channels != 2 * m.diffusion.vae.latent_channels:
-        raise ConfigError("model.diffusion.unet.in_channels must be 2 x vae.latent_channels (IP2P layout)")
+    unet = m.diffusion.unet
+    if unet.coord_channels not in (0, 2):
+        raise ConfigError(f"model.diffusion.unet.coord_channels must be 0 or 2, got {unet.coord_channels}")
+    if unet.in_channels != 2 * m.diffusion.vae.latent_channels + unet.coord_channels:
+        raise ConfigError(
+            "model.diffusion.unet.in_channels must be 2 x vae.latent_channels + coord_channels (IP2P layout)"
+        )
+    if cfg.train.coord_init < 0:
+        raise ConfigError(f"train.coord_init must be >= 0, got {cfg.train.coord_init}")
+    for key in ("explicit_instructions", "wording_dropout"):
+        if not 0 <= getattr(cfg.data, key) <= 1:
+            raise ConfigError(f"data.{key} must be in [0, 1], got {getattr(cfg.data, key)}")
     noise = m.diffusion.noise
     if noise.rescale_betas_zero_snr and noise.prediction_type == "epsilon":
         raise ConfigError(

@@ -49,7 +49,8 @@ def architecture_mismatch(
 
 
 def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    """A randomly initialised UNet (8 input channels: noisy latent + source latent).
+    """A randomly initialised UNet (8 input channels: noisy latent + source latent; 10 with
+    ``coord_channels``, see :func:`unet_input`).
 
     With ``zero_init_cross_attention`` the cross-attention output projections start at zero: the
     UNet then ignores the conditioning at first, and the gradient of each projection is the
@@ -98,11 +99,15 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DConditionModel:
-    """Widen a text-to-image UNet's ``conv_in`` to ``in_channels``; the new channels start at zero.
+def widen_conv_in(
+    unet: UNet2DConditionModel, in_channels: int = 8, init_scale: float = 0.0
+) -> UNet2DConditionModel:
+    """Widen a UNet's ``conv_in`` to ``in_channels``; the new channels start at zero.
 
     This is the InstructPix2Pix recipe: at initialisation the widened UNet computes exactly what
-    the original did, whatever the extra (source-latent) channels hold.
+    the original did, whatever the extra (source-latent) channels hold. ``init_scale > 0`` starts
+    them instead at that multiple of the draw a fresh ``Conv2d`` of the new width would make
+    (PyTorch's default init), so that they carry a signal the later layers can learn to use.
     """
     old = unet.conv_in
     if old.in_channels >= in_channels:
@@ -117,12 +122,37 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int = 8) -> UNet2DCon
         dtype=old.weight.dtype,
     )
     with torch.no_grad():
-        new.weight.zero_()
+        new.weight.mul_(init_scale)  # (C_out, C_in, k, k), a default draw: 0 = the IP2P zeros
         new.weight[:, : old.in_channels] = old.weight
         new.bias.copy_(old.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
     return unet
+
+
+def coordinates(batch: int, height: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """Cell-centre coordinates, (B, 2, h, w): channel 0 is x (-1 at the left edge of the image,
+    +1 at the right), channel 1 is y (-1 at the top, +1 at the bottom)."""
+    ys = (torch.arange(height, device=device, dtype=torch.float64) + 0.5) / height * 2 - 1  # (h,)
+    xs = (torch.arange(width, device=device, dtype=torch.float64) + 0.5) / width * 2 - 1  # (w,)
+    grid = torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)])  # (2, h, w)
+    return grid.to(dtype or torch.float32).expand(batch, 2, height, width)
+
+
+def unet_input(unet: UNet2DConditionModel, latents: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """The UNet's input, in its dtype: (B, 4, h, w) noisy latents + (B, 4, h, w) source latents
+    -> (B, 8, h, w), the IP2P layout; a UNet with two more input channels (``coord_channels: 2``)
+    also gets the cells' :func:`coordinates`, (B, 10, h, w). Training and sampling both call it."""
+    x = torch.cat([latents, source], dim=1).to(unet.dtype)  # (B, 8, h, w)
+    extra = unet.config.in_channels - x.shape[1]
+    if extra == 0:
+        return x
+    if extra != 2:
+        raise ValueError(
+            f"the UNet takes {unet.config.in_channels} input channels; expected {x.shape[1]} (latents) + 0 or 2"
+        )
+    b, _, h, w = x.shape
+    return torch.cat([x, coordinates(b, h, w, x.device, x.dtype)], dim=1)  # (B, 10, h, w)
 
 
 def noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
@@ -245,7 +275,7 @@ def edit_loss(
     drop_text, drop_image = dropout_masks(b, cfg, device, generator)
     cond = torch.where(drop_text[:, None, None], null_cond.expand_as(cond).to(cond.dtype), cond)
     source = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
-    unet_in = torch.cat([noisy, source], dim=1).to(unet.dtype)  # (B, 8, h, w)
+    unet_in = unet_input(unet, noisy, source)  # (B, 8 or 10, h, w)
     pred = unet(unet_in, t, encoder_hidden_states=cond.to(unet.dtype)).sample
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -278,7 +308,7 @@ def guided_noise(
     x = torch.cat([latents] * 3)  # (3B, 4, h, w)
     img = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # (3B, 4, h, w)
     txt = torch.cat([cond, null_cond, null_cond])  # (3B, Q, C)
-    eps = unet(torch.cat([x, img], dim=1), t, encoder_hidden_states=txt).sample
+    eps = unet(unet_input(unet, x, img), t, encoder_hidden_states=txt).sample
     e_full, e_img, e_none = eps.chunk(3)
     return e_none + guidance * (e_full - e_img) + image_guidance * (e_img - e_none)
 

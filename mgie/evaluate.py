@@ -169,6 +169,7 @@ def score(
     checks: dict[str, list[dict[str, bool]]] = defaultdict(list)
     exact, f1 = [], []
     outputs, targets, captions = [], [], []
+    row_success: dict[str, bool] = {}  # per example, for paired comparisons (train/compare.py)
     for i, row in rows.items():
         rec = row["record"]
         src, tgt = rec.source.load(), rec.target.load()
@@ -183,6 +184,7 @@ def score(
             split = f"split/{row.get('split', '?')}"
             passed, parts = edit_checks(src, tgt, out), edit_anatomy(src, tgt, out)
             ok = all(passed.values())  # = mgie.metrics.edit_success
+            row_success[i] = ok
             for key in (*keys, split, f"{split}/kind/{row['kind']}"):
                 success[key].append(ok)
             for key in keys:
@@ -212,6 +214,7 @@ def score(
             k: {"n": len(v), **{c: sum(p[c] for p in v) / len(v) for c in CHECKS}}
             for k, v in sorted(checks.items())
         }
+        report["row_success"] = row_success
     if not writes_text:
         report["expressive"] = "unavailable: the model writes no expressive instruction"
     elif exact:

@@ -44,6 +44,8 @@ def test_unknown_key_is_named(tmp_path):
         ("model.quantization.bits=3", "bits: 3 is not one of"),
         ("model=5", "model: expected a mapping"),
         ("model.loss.drop_text=0.95", "drop probabilities"),
+        ("model.diffusion.unet.coord_channels=1", "coord_channels must be 0 or 2"),
+        ("model.diffusion.unet.coord_channels=2", r"in_channels must be 2 x vae.latent_channels \+ coord"),
     ],
 )
 def test_wrong_types_and_values_raise(override, message):

@@ -41,6 +41,7 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     success = report["edit_success"]
     assert success["all"]["n"] == 6 and sum(v["n"] for k, v in success.items() if k.startswith("kind/")) == 6
     assert success["all"]["rate"] == 0.0  # an untrained model edits nothing right
+    assert report["row_success"] == {f"test_{i:06d}": False for i in range(6)}
     anatomy = report["edit_anatomy"]
     assert {k: v["n"] for k, v in anatomy.items()} == {
         k: v["n"] for k, v in success.items() if "split" not in k

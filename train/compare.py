@@ -2,7 +2,9 @@
 
 ``python train/compare.py NAME=REPORT.json [NAME=REPORT.json ...]`` prints the edit success per
 kind (and overall), the expressive instruction's exact match and token F1 and the pixel metrics,
-one row per model, then the edit success per edit, one column per model. The reports must come
+one row per model, then the edit success per edit, one column per model, and, when the reports
+list each example's success (``row_success``), a paired comparison of each model with the first:
+the examples it now passes and now fails, and McNemar's z. The reports must come
 from ``python -m mgie.evaluate`` on the same manifest, the same number of examples and the same
 inference settings; otherwise the comparison would not be one, and the command says which differs.
 """
@@ -83,6 +85,29 @@ def edit_table(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def paired_table(reports: dict[str, dict]) -> list[str]:
+    """Each model against the first, example by example: how many pass in both, how many the
+    model now passes (``gained``) or now fails (``lost``), and McNemar's ``z = (gained - lost) /
+    sqrt(gained + lost)`` (|z| > 2: a difference unlikely to be chance). Empty when a report
+    lacks ``row_success``; ``ValueError`` when the reports scored different examples."""
+    if not all("row_success" in r for r in reports.values()):
+        return []
+    (first_name, first), *others = reports.items()
+    base = first["row_success"]
+    head = ["model", f"vs {first_name}", "both pass", "gained", "lost", "McNemar z"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in others:
+        rows = r["row_success"]
+        if set(rows) != set(base):
+            raise ValueError(f"{name} and {first_name} scored different examples")
+        both = sum(rows[i] and base[i] for i in base)
+        gained = sum(rows[i] and not base[i] for i in base)
+        lost = sum(base[i] and not rows[i] for i in base)
+        z = f"{(gained - lost) / (gained + lost) ** 0.5:+.2f}" if gained + lost else "-"
+        lines.append(f"| {name} | {len(base)} examples | {both} | {gained} | {lost} | {z} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; errors are one line and exit 2."""
     p = Parser(prog="train/compare.py", description=__doc__.splitlines()[0])
@@ -91,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         reports = load_reports(args.reports)
-        print("\n".join(kind_table(reports) + [""] + edit_table(reports)))
+        paired = paired_table(reports)
+        print("\n".join(kind_table(reports) + [""] + edit_table(reports) + ([""] + paired if paired else [])))
         return 0
 
     return run_command(run)

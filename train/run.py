@@ -186,7 +186,7 @@ def build_model(cfg: MGIEConfig):
     from mgie.tokens import add_mgie_tokens, build_tiny_tokenizer
 
     if cfg.train.init_from:
-        model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
+        model = load_init_from(cfg)
     else:
         m = cfg.model.mllm
         if m.tokenizer:
@@ -205,6 +205,30 @@ def build_model(cfg: MGIEConfig):
         _load_vae(model, cfg)
     if not cfg.train.train_unet:
         model.unet.requires_grad_(False)
+    return model
+
+
+def load_init_from(cfg: MGIEConfig):
+    """``train.init_from``, trainable. A folder whose UNet lacks the coordinate channels the config
+    asks for (``model.diffusion.unet.coord_channels``) gets them in ``conv_in``
+    (:func:`mgie.diffusion.widen_conv_in`): with ``train.coord_init`` 0 at zero, so the model
+    starts out computing what it did; else at that multiple of a default draw."""
+    import copy
+    import json
+
+    from mgie.diffusion import widen_conv_in
+    from mgie.model import MGIEModel
+
+    unet = cfg.model.diffusion.unet
+    folder = Path(cfg.train.init_from) / "unet" / "config.json"
+    has = json.loads(folder.read_text()).get("in_channels") if folder.is_file() else None
+    if not unet.coord_channels or has != unet.in_channels - unet.coord_channels:
+        return MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
+    start = copy.deepcopy(cfg)  # the folder's own layout, for loading
+    start.model.diffusion.unet.in_channels, start.model.diffusion.unet.coord_channels = has, 0
+    model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=start)
+    widen_conv_in(model.unet, unet.in_channels, cfg.train.coord_init)
+    model.cfg = cfg
     return model
 
 

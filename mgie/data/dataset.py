@@ -7,6 +7,8 @@ processor (224 for ViT-L/14), the diffusion branch a ``resolution`` x ``resoluti
 
 from __future__ import annotations
 
+import random
+
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -26,6 +28,24 @@ def center_square(img: Image.Image, side: int) -> Image.Image:
     left, top = (w - s) // 2, (h - s) // 2
     img = img.crop((left, top, left + s, top + s)) if w != h else img
     return img if side in (0, s) else img.resize((side, side), Image.Resampling.BICUBIC)
+
+
+def reword(instruction: str, expressive: str, rng: random.Random, explicit: float, dropout: float) -> str:
+    """A training-time rewording of a terse instruction (beyond the paper).
+
+    With probability ``explicit`` the instruction is the expressive text itself: an explicit
+    request is a request too, and it puts the words of the operation ("grayscale") into the
+    model's input, where the terse wordings never have them. Otherwise each word the expressive
+    text does not contain (the wording: "make it", "get rid of") is dropped with probability
+    ``dropout``, and at least one word is kept, so that the model reads the content words rather
+    than learning each template by heart (mgie-shapes wrote the wrong text for new wordings).
+    """
+    if rng.random() < explicit:
+        return expressive
+    content = set(expressive.split())
+    words = instruction.split()
+    kept = [w for w in words if w in content or rng.random() >= dropout]
+    return " ".join(kept) if kept else rng.choice(words)
 
 
 def _resize(img: Image.Image, side: int) -> Image.Image:
@@ -74,6 +94,16 @@ class EditDataset(Dataset):
         target = build_target(self.tokenizer, self.ids, expressive)
         return prompt + target, [IGNORE_INDEX] * len(prompt) + target
 
+    def instruction(self, i: int) -> str:
+        """Row ``i``'s instruction as trained: :func:`reword` (``data.explicit_instructions``,
+        ``data.wording_dropout``) for an edit row with an expressive text, the same for every
+        epoch and every resume (the draw is seeded by ``train.seed`` and ``i``); else as written."""
+        rec, d = self.records[i], self.cfg.data
+        if not (d.explicit_instructions or d.wording_dropout) or i >= self.num_edits or not rec.expressive:
+            return rec.instruction
+        rng = random.Random(f"{self.cfg.train.seed}-{i}")
+        return reword(rec.instruction, rec.expressive, rng, d.explicit_instructions, d.wording_dropout)
+
     def _cut(self, text: str, limit: int) -> str:
         ids = encode_chunk(self.tokenizer, text)
         return text if len(ids) <= limit else self.tokenizer.decode(ids[:limit])
@@ -83,7 +113,7 @@ class EditDataset(Dataset):
         side = self.cfg.data.crop_side
         src, tgt = center_square(rec.source.load(), side), center_square(rec.target.load(), side)
         res = self.cfg.data.resolution
-        input_ids, labels = self.tokens(rec.instruction, rec.expressive)
+        input_ids, labels = self.tokens(self.instruction(i), rec.expressive)
         return {
             "input_ids": input_ids,
             "labels": labels,

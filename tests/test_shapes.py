@@ -359,3 +359,17 @@ def test_anatomy_tells_a_wrong_colour_from_a_wrong_object():
         obj = edit_anatomy(src, tgt, _wrong_object(e, color=new))
         assert obj["moved"] == 0 and obj["reach"] == 0 and obj["spill"] > 0, e.instruction
         checked += 1
+
+
+def test_corner_probe_finds_the_quadrants_an_add_changed():
+    """train/corner_probe.py's check on rendered scenes: adding an object in a corner changes
+    that quadrant alone; a global edit changes all four; nothing changes none."""
+    from train.corner_probe import changed_quadrants
+
+    src = shapes.Scene("white", "plain", (shapes.Obj("square", "red", "large", 0),))
+    for cell in (1, 2, 3):
+        tgt = shapes._swap(src, None, shapes.Obj("circle", "blue", "medium", cell))
+        assert changed_quadrants(shapes.render(src), shapes.render(tgt)) == [k == cell for k in range(4)]
+    inverted = replace(src, ops=(("invert", ""),))
+    assert changed_quadrants(shapes.render(src), shapes.render(inverted)) == [True] * 4
+    assert changed_quadrants(shapes.render(src), shapes.render(src)) == [False] * 4

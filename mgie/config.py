@@ -133,6 +133,12 @@ class EditHeadConfig:
     # from scratch keeps little of an early word in its [IMG] states (mgie-shapes: swapping the
     # colour of an "add" moves its conditioning by 0.03%, train/word_probe.py).
     read_text: bool = False
+    # Beyond the paper: > 0 adds a small MLP that reads the head's output (the UNet condition) and
+    # predicts a map_grid x map_grid map of where the edit changes the image (trained with
+    # model.loss.map_weight against the changed pixels); the UNet reads the map as one more input
+    # channel (model.diffusion.unet.map_channels: 1). The cross-attention alone must turn "the top
+    # left corner" into a place; mgie-shapes drew the same image whichever corner an add asked for.
+    map_grid: int = 0
 
 
 @dataclass
@@ -159,6 +165,10 @@ class UNetConfig:
     # knows it only from the zero padding, and mgie-shapes drew an added object in the wrong corner.
     # in_channels then counts them: 2 x latent channels + coord_channels.
     coord_channels: int = 0
+    # Beyond the paper: 1 appends the edit head's predicted edit map (model.edit_head.map_grid),
+    # upsampled to the latent grid, after the coordinates; zeros for the text-free condition.
+    # in_channels = 2 x latent channels + coord_channels + map_channels.
+    map_channels: int = 0
 
 
 @dataclass
@@ -210,6 +220,12 @@ class LossConfig:
     # Beyond the paper: latent cells the edit changes weigh 1 + change_weight in the editing loss,
     # so that the few cells of a local edit are not drowned by the many the UNet only copies.
     change_weight: float = 0.0
+    # Beyond the paper (model.edit_head.map_grid > 0): weight of the edit map's binary
+    # cross-entropy against the cells the edit changes, and the share of rows whose UNet reads the
+    # true map in training instead of the prediction (detached), so that it learns to trust a map
+    # before the head draws good ones.
+    map_weight: float = 0.0
+    map_teacher: float = 0.5
 
 
 @dataclass
@@ -464,9 +480,24 @@ def validate(cfg: MGIEConfig) -> None:
     unet = m.diffusion.unet
     if unet.coord_channels not in (0, 2):
         raise ConfigError(f"model.diffusion.unet.coord_channels must be 0 or 2, got {unet.coord_channels}")
-    if unet.in_channels != 2 * m.diffusion.vae.latent_channels + unet.coord_channels:
+    if unet.map_channels not in (0, 1):
+        raise ConfigError(f"model.diffusion.unet.map_channels must be 0 or 1, got {unet.map_channels}")
+    if m.edit_head.map_grid < 0:
+        raise ConfigError(f"model.edit_head.map_grid must be >= 0, got {m.edit_head.map_grid}")
+    if bool(unet.map_channels) != bool(m.edit_head.map_grid):
         raise ConfigError(
-            "model.diffusion.unet.in_channels must be 2 x vae.latent_channels + coord_channels (IP2P layout)"
+            "model.diffusion.unet.map_channels: 1 and model.edit_head.map_grid > 0 go together "
+            f"(got {unet.map_channels} and {m.edit_head.map_grid})"
+        )
+    if m.loss.map_weight < 0 or not 0 <= m.loss.map_teacher <= 1:
+        raise ConfigError(
+            f"model.loss.map_weight must be >= 0 and map_teacher in [0, 1], got {m.loss.map_weight}, "
+            f"{m.loss.map_teacher}"
+        )
+    if unet.in_channels != 2 * m.diffusion.vae.latent_channels + unet.coord_channels + unet.map_channels:
+        raise ConfigError(
+            "model.diffusion.unet.in_channels must be 2 x vae.latent_channels + coord_channels + map_channels"
+            " (IP2P layout)"
         )
     if cfg.train.coord_init < 0:
         raise ConfigError(f"train.coord_init must be >= 0, got {cfg.train.coord_init}")

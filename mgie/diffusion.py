@@ -49,8 +49,8 @@ def architecture_mismatch(
 
 
 def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    """A randomly initialised UNet (8 input channels: noisy latent + source latent; 10 with
-    ``coord_channels``, see :func:`unet_input`).
+    """A randomly initialised UNet (8 input channels: noisy latent + source latent; plus
+    ``coord_channels`` and ``map_channels``, see :func:`unet_input`).
 
     With ``zero_init_cross_attention`` the cross-attention output projections start at zero: the
     UNet then ignores the conditioning at first, and the gradient of each projection is the
@@ -139,20 +139,36 @@ def coordinates(batch: int, height: int, width: int, device=None, dtype=None) ->
     return grid.to(dtype or torch.float32).expand(batch, 2, height, width)
 
 
-def unet_input(unet: UNet2DConditionModel, latents: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+def unet_input(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    source: torch.Tensor,
+    edit_map: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The UNet's input, in its dtype: (B, 4, h, w) noisy latents + (B, 4, h, w) source latents
-    -> (B, 8, h, w), the IP2P layout; a UNet with two more input channels (``coord_channels: 2``)
-    also gets the cells' :func:`coordinates`, (B, 10, h, w). Training and sampling both call it."""
+    -> (B, 8, h, w), the IP2P layout. The UNet's ``in_channels`` say what follows: two more
+    (``coord_channels: 2``) are the cells' :func:`coordinates`; one more after those
+    (``map_channels: 1``) is ``edit_map`` (B, 1, g, g) in [0, 1], upsampled (nearest) to (h, w),
+    None = zeros, the map of the text-free condition. Training and sampling both call it."""
     x = torch.cat([latents, source], dim=1).to(unet.dtype)  # (B, 8, h, w)
     extra = unet.config.in_channels - x.shape[1]
-    if extra == 0:
-        return x
-    if extra != 2:
+    if extra not in (0, 1, 2, 3):
         raise ValueError(
-            f"the UNet takes {unet.config.in_channels} input channels; expected {x.shape[1]} (latents) + 0 or 2"
+            f"the UNet takes {unet.config.in_channels} input channels; expected {x.shape[1]} (latents)"
+            " + 0 or 2 (coordinates) + 0 or 1 (edit map)"
         )
     b, _, h, w = x.shape
-    return torch.cat([x, coordinates(b, h, w, x.device, x.dtype)], dim=1)  # (B, 10, h, w)
+    parts = [x]
+    if extra >= 2:
+        parts.append(coordinates(b, h, w, x.device, x.dtype))  # (B, 2, h, w)
+    if extra % 2:
+        if edit_map is None:
+            parts.append(x.new_zeros(b, 1, h, w))
+        else:
+            parts.append(F.interpolate(edit_map.to(x.dtype), size=(h, w), mode="nearest"))  # (B, 1, h, w)
+    elif edit_map is not None:
+        raise ValueError("an edit map was given, but the UNet has no input channel for it")
+    return torch.cat(parts, dim=1)  # (B, 8 + 2? + 1?, h, w)
 
 
 def noise_scheduler(cfg: NoiseConfig) -> DDPMScheduler:
@@ -240,6 +256,14 @@ def change_weights(source: torch.Tensor, target: torch.Tensor, factor: int, weig
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
+@torch.no_grad()
+def edit_map_target(source: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
+    """Where an edit changes the image: (B, 3, H, W) images in [-1, 1] -> (B, 1, grid, grid) in
+    {0, 1}, a cell being 1 when any pixel in it changes by more than ``CHANGE_TOL``."""
+    changed = ((target - source).abs().amax(1, keepdim=True) / 2 > CHANGE_TOL).float()  # (B, 1, H, W)
+    return F.adaptive_max_pool2d(changed, grid)  # (B, 1, g, g)
+
+
 def dropout_masks(batch: int, cfg: LossConfig, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """IP2P conditioning dropout, per sample: ``(drop_text, drop_image)`` bool masks of shape (B,).
 
@@ -262,11 +286,14 @@ def edit_loss(
     cfg: LossConfig,
     generator: torch.Generator | None = None,
     weights: torch.Tensor | None = None,
+    edit_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The InstructPix2Pix denoising loss, with conditioning dropout.
 
     ``target_latents``/``source_latents`` (B, 4, h, w); ``cond`` (B, Q, C); ``null_cond`` (1 or B, Q, C);
-    ``weights`` (B, 1, h, w) per-cell weights of the squared error (None: the plain mean, as IP2P).
+    ``weights`` (B, 1, h, w) per-cell weights of the squared error (None: the plain mean, as IP2P);
+    ``edit_map`` (B, 1, g, g) for a UNet with a map channel, part of the text condition: zeros
+    where the text is dropped.
     """
     b, device = target_latents.shape[0], target_latents.device
     noise = torch.randn(target_latents.shape, device=device, dtype=target_latents.dtype, generator=generator)
@@ -275,7 +302,9 @@ def edit_loss(
     drop_text, drop_image = dropout_masks(b, cfg, device, generator)
     cond = torch.where(drop_text[:, None, None], null_cond.expand_as(cond).to(cond.dtype), cond)
     source = source_latents * (~drop_image).to(source_latents.dtype)[:, None, None, None]
-    unet_in = unet_input(unet, noisy, source)  # (B, 8 or 10, h, w)
+    if edit_map is not None:
+        edit_map = edit_map * (~drop_text).to(edit_map.dtype)[:, None, None, None]
+    unet_in = unet_input(unet, noisy, source, edit_map)  # (B, 8 + extra, h, w)
     pred = unet(unet_in, t, encoder_hidden_states=cond.to(unet.dtype)).sample
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -298,17 +327,20 @@ def guided_noise(
     null_cond: torch.Tensor,
     guidance: float,
     image_guidance: float,
+    edit_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Three-way classifier-free guidance of IP2P (diffusers IP2P pipeline, L441-447).
 
     ``eps = e(0,0) + s_T (e(img,txt) - e(img,0)) + s_I (e(img,0) - e(0,0))``, one UNet call on
     the batch ``[cond|img, null|img, null|0]``; it combines whatever the UNet predicts (noise,
-    velocity or x0) the same way. ``latents`` are already scheduler-scaled.
+    velocity or x0) the same way. ``latents`` are already scheduler-scaled. ``edit_map``
+    (B, 1, g, g) goes with the text condition: the two text-free thirds get zeros.
     """
     x = torch.cat([latents] * 3)  # (3B, 4, h, w)
     img = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # (3B, 4, h, w)
     txt = torch.cat([cond, null_cond, null_cond])  # (3B, Q, C)
-    eps = unet(unet_input(unet, x, img), t, encoder_hidden_states=txt).sample
+    maps = None if edit_map is None else torch.cat([edit_map, torch.zeros_like(edit_map).repeat(2, 1, 1, 1)])
+    eps = unet(unet_input(unet, x, img, maps), t, encoder_hidden_states=txt).sample
     e_full, e_img, e_none = eps.chunk(3)
     return e_none + guidance * (e_full - e_img) + image_guidance * (e_img - e_none)
 
@@ -325,13 +357,15 @@ def sample(
     image_guidance: float,
     generator: torch.Generator | list[torch.Generator] | None = None,
     progress: Callable | None = None,
+    edit_map: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise from pure noise to edited latents (B, 4, h, w), conditioned on the source latents.
 
     Mirrors the loop of diffusers' ``StableDiffusionInstructPix2PixPipeline.__call__`` (0.42),
     with the same random draws, so a shared generator gives the same image; tested against it.
     ``null_cond`` is (1 or B, Q, C); ``generator`` one or one per sample (as in diffusers);
-    ``progress`` wraps the timestep iterable (e.g. tqdm).
+    ``progress`` wraps the timestep iterable (e.g. tqdm); ``edit_map`` (B, 1, g, g) for a UNet
+    with a map channel (:func:`unet_input`).
     """
     b = image_latents.shape[0]
     dtype, device = unet.dtype, image_latents.device
@@ -348,6 +382,6 @@ def sample(
     timesteps = scheduler.timesteps
     for t in progress(timesteps) if progress else timesteps:
         x = scheduler.scale_model_input(latents, t)  # (B, 4, h, w)
-        eps = guided_noise(unet, x, t, image_latents, cond, null_cond, guidance, image_guidance)
+        eps = guided_noise(unet, x, t, image_latents, cond, null_cond, guidance, image_guidance, edit_map)
         latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
     return latents

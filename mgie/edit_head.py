@@ -9,6 +9,10 @@ With ``read_text`` (not in the paper) the source sequence also holds the express
 tokens, each its last-layer state plus its input embedding (rescaled to the state's norm),
 through the same ``in`` projection, plus fixed sinusoidal positions (no new weights: a paper
 head's folder loads as it is); padded text tokens are masked out of both attentions.
+
+With ``map_grid`` (not in the paper) a small MLP, ``map_head``, reads the flattened output
+condition and predicts a ``map_grid`` x ``map_grid`` map of where the edit changes the image
+(logits), which the UNet reads as an input channel (:func:`mgie.diffusion.unet_input`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,13 @@ def sinusoid(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     return enc.to(dtype)
 
 
+def build_map_head(num_queries: int, cross_attention_dim: int, grid: int, hidden: int = 256) -> nn.Sequential:
+    """The edit-map MLP: flattened (B, Q * C) condition -> (B, grid * grid) logits."""
+    return nn.Sequential(
+        nn.Linear(num_queries * cross_attention_dim, hidden), nn.GELU(), nn.Linear(hidden, grid * grid)
+    )
+
+
 class EditHead(nn.Module):
     """Maps (B, N, llm_hidden) [IMG] states to (B, num_queries, cross_attention_dim) conditioning."""
 
@@ -49,6 +60,8 @@ class EditHead(nn.Module):
             batch_first=True,
         )
         self.hid2feat = nn.Linear(cfg.hidden_size, cross_attention_dim)
+        if cfg.map_grid:
+            self.map_head = build_map_head(cfg.num_queries, cross_attention_dim, cfg.map_grid)
 
     def forward(
         self,
@@ -72,6 +85,11 @@ class EditHead(nn.Module):
         pad = ~keep  # (B, N + T), True = ignore
         y = self.mapper(src=src, tgt=q, src_key_padding_mask=pad, memory_key_padding_mask=pad)
         return self.hid2feat(y)  # (B, Q, C)
+
+    def edit_map(self, cond: torch.Tensor) -> torch.Tensor:
+        """Edit-map logits from the head's output: (B, Q, C) -> (B, 1, g, g) (``map_grid`` only)."""
+        g = self.cfg.map_grid
+        return self.map_head(cond.flatten(1)).view(-1, 1, g, g)
 
     def null(self, img_embeds: torch.Tensor, batch: int = 1) -> torch.Tensor:
         """The null (unconditional) text condition: the head on zero states plus ``E``, no text

@@ -31,6 +31,7 @@ from mgie.diffusion import (
     build_vae,
     change_weights,
     edit_loss,
+    edit_map_target,
     encode_source,
     encode_target,
     noise_scheduler,
@@ -57,11 +58,13 @@ class CheckpointError(ValueError):
 
 @dataclass
 class MGIEOutput:
-    """Losses of one training forward pass (``loss = lm_weight * lm_loss + edit_weight * edit_loss``)."""
+    """Losses of one training forward pass
+    (``loss = lm_weight * lm_loss + edit_weight * edit_loss [+ map_weight * map_loss]``)."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
     edit_loss: torch.Tensor
+    map_loss: torch.Tensor | None = None  # the edit map's BCE (model.edit_head.map_grid only)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -165,6 +168,13 @@ class MGIEModel(nn.Module):
         text, mask = text_states(both, input_ids, answer, self.ids.img[0])  # (B, T, D), (B, T)
         return self.edit_head(h.to(dtype), e.to(dtype), text.to(dtype), mask)
 
+    def edit_map(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The predicted edit map, (B, Q, C) condition -> (B, 1, g, g) probabilities; None
+        without ``edit_head.map_grid`` (the paper's model)."""
+        if not self.cfg.model.edit_head.map_grid:
+            return None
+        return torch.sigmoid(self.edit_head.edit_map(cond.to(self.edit_head.llm2hid.weight.dtype)).float())
+
     def null_condition(self, batch: int = 1) -> torch.Tensor:
         """Null text condition: the edit head on zero states plus the [IMG] embeddings; (batch, Q, C)."""
         return self.edit_head.null(self.img_embeddings().to(self.edit_head.llm2hid.weight.dtype), batch)
@@ -215,20 +225,34 @@ class MGIEModel(nn.Module):
             if w.change_weight
             else None
         )  # (B, 1, h, w) or None
-        edit = edit_loss(self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights)
-        return MGIEOutput(loss=w.lm_weight * lm + w.edit_weight * edit, lm_loss=lm, edit_loss=edit)
+        grid = self.cfg.model.edit_head.map_grid
+        if not grid:
+            edit = edit_loss(self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights)
+            return MGIEOutput(loss=w.lm_weight * lm + w.edit_weight * edit, lm_loss=lm, edit_loss=edit)
+        logits = self.edit_head.edit_map(cond).float()  # (B, 1, g, g)
+        truth = edit_map_target(source.float(), target.float(), grid)  # (B, 1, g, g)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, truth)
+        teach = torch.rand(len(truth), device=truth.device, generator=generator) < w.map_teacher  # (B,)
+        edit_map = torch.where(teach[:, None, None, None], truth, torch.sigmoid(logits).detach())
+        edit = edit_loss(
+            self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights, edit_map
+        )
+        loss = w.lm_weight * lm + w.edit_weight * edit + w.map_weight * bce
+        return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group: ``lora``, ``img_tokens``, ``mllm`` (full training),
-        ``edit_head``, ``unet``."""
+        ``edit_head``, ``edit_map`` (the edit head's map MLP, when it has one), ``unet``."""
         groups: dict[str, list[nn.Parameter]] = {
-            k: [] for k in ("lora", "img_tokens", "mllm", "edit_head", "unet")
+            k: [] for k in ("lora", "img_tokens", "mllm", "edit_head", "edit_map", "unet")
         }
         for name, p in self.mllm.named_parameters():
             if p.requires_grad:
                 key = "img_tokens" if "trainable_tokens" in name else "lora" if "lora_" in name else "mllm"
                 groups[key].append(p)
-        groups["edit_head"] = [p for p in self.edit_head.parameters() if p.requires_grad]
+        for name, p in self.edit_head.named_parameters():
+            if p.requires_grad:
+                groups["edit_map" if name.startswith("map_head.") else "edit_head"].append(p)
         groups["unet"] = [p for p in self.unet.parameters() if p.requires_grad]
         return groups
 

@@ -144,6 +144,7 @@ class MGIEPipeline:
         expressive, cond = self.describe(images, instructions)
         model, device = self.model, self.model.device
         null = model.null_condition()  # (1, Q, C)
+        maps = model.edit_map(cond)  # (B, 1, g, g) or None
         sched = sampling_scheduler(scheduler or inf.scheduler, self.cfg.model.diffusion.noise)
         multiple = max(8, vae_scale_factor(model.vae))
         sizes = [fit_size(*img.size, max_side or inf.max_side, multiple) for img in images]
@@ -160,6 +161,7 @@ class MGIEPipeline:
                 inf.guidance if guidance is None else guidance,
                 inf.image_guidance if image_guidance is None else image_guidance, gens,
                 progress=partial(tqdm, desc=f"diffusion {w}x{h} x{len(idx)}", leave=False) if progress else None,
+                edit_map=None if maps is None else maps[idx],
             )  # fmt: skip
             for i, out in zip(idx, to_pil(decode(model.vae, latents))):
                 size = images[i].size

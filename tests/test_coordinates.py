@@ -44,8 +44,8 @@ def test_unet_input_is_ip2p_layout_plus_the_coordinates(tiny_cfg, coord):
 
 
 def test_a_unet_with_another_channel_count_is_refused(tiny_cfg):
-    unet = build_unet(replace(tiny_cfg.model.diffusion.unet, in_channels=9))
-    with pytest.raises(ValueError, match="takes 9 input channels"):
+    unet = build_unet(replace(tiny_cfg.model.diffusion.unet, in_channels=12))
+    with pytest.raises(ValueError, match="takes 12 input channels"):
         unet_input(unet, torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4))
 
 

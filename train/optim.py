@@ -15,10 +15,11 @@ FORBIDDEN_KEYS = ("optimizer", "scheduler")
 
 
 def param_groups(groups: dict[str, list[torch.nn.Parameter]], cfg: MGIEConfig) -> list[dict]:
-    """AdamW groups with their own learning rates (a group's lr of 0 in config means ``train.lr``)."""
+    """AdamW groups with their own learning rates (a group's lr of 0 in config means ``train.lr``);
+    the edit head's map MLP (``edit_map``) trains at the UNet's rate."""
     t = cfg.train
     lrs = {"lora": t.lr_lora, "img_tokens": t.lr_img_tokens, "mllm": t.lr_mllm, "edit_head": t.lr_edit_head,
-           "unet": t.lr_unet}  # fmt: skip
+           "edit_map": t.lr_unet, "unet": t.lr_unet}  # fmt: skip
     return [
         {"params": params, "lr": lrs[name] or t.lr, "weight_decay": t.weight_decay, "name": name}
         for name, params in groups.items()

@@ -209,25 +209,39 @@ def build_model(cfg: MGIEConfig):
 
 
 def load_init_from(cfg: MGIEConfig):
-    """``train.init_from``, trainable. A folder whose UNet lacks the coordinate channels the config
-    asks for (``model.diffusion.unet.coord_channels``) gets them in ``conv_in``
-    (:func:`mgie.diffusion.widen_conv_in`): with ``train.coord_init`` 0 at zero, so the model
-    starts out computing what it did; else at that multiple of a default draw."""
+    """``train.init_from``, trainable. A folder made without the extra UNet inputs the config asks
+    for gets them: its ``conv_in`` is widened (:func:`mgie.diffusion.widen_conv_in`) for the
+    coordinate channels (``model.diffusion.unet.coord_channels``; ``train.coord_init`` 0 = zero
+    weights, else that multiple of a default draw) and then, at zero, for the edit map
+    (``map_channels``), whose MLP the edit head gains fresh (``edit_head.map_grid``). With zero
+    weights the model starts out computing what the folder did."""
     import copy
     import json
 
     from mgie.diffusion import widen_conv_in
+    from mgie.edit_head import build_map_head
     from mgie.model import MGIEModel
 
-    unet = cfg.model.diffusion.unet
+    unet, head = cfg.model.diffusion.unet, cfg.model.edit_head
     folder = Path(cfg.train.init_from) / "unet" / "config.json"
     has = json.loads(folder.read_text()).get("in_channels") if folder.is_file() else None
-    if not unet.coord_channels or has != unet.in_channels - unet.coord_channels:
+    plain = unet.in_channels - unet.coord_channels - unet.map_channels  # the IP2P 8
+    if has == unet.in_channels or has not in (plain, plain + unet.coord_channels):
         return MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
     start = copy.deepcopy(cfg)  # the folder's own layout, for loading
-    start.model.diffusion.unet.in_channels, start.model.diffusion.unet.coord_channels = has, 0
+    s_unet, s_head = start.model.diffusion.unet, start.model.edit_head
+    s_unet.in_channels, s_unet.coord_channels = has, has - plain
+    s_unet.map_channels, s_head.map_grid = 0, 0
     model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=start)
-    widen_conv_in(model.unet, unet.in_channels, cfg.train.coord_init)
+    if has < plain + unet.coord_channels:
+        widen_conv_in(model.unet, plain + unet.coord_channels, cfg.train.coord_init)
+    if unet.map_channels:
+        widen_conv_in(model.unet, unet.in_channels, 0.0)
+        eh = model.edit_head
+        eh.map_head = build_map_head(head.num_queries, eh.hid2feat.out_features, head.map_grid).to(
+            eh.hid2feat.weight.device, eh.hid2feat.weight.dtype
+        )
+    model.edit_head.cfg = head
     model.cfg = cfg
     return model
 
@@ -358,7 +372,14 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(out.loss)
             engine.step()
-            window.append((out.loss.item(), out.lm_loss.item(), out.edit_loss.item()))
+            window.append(
+                (
+                    out.loss.item(),
+                    out.lm_loss.item(),
+                    out.edit_loss.item(),
+                    0.0 if out.map_loss is None else out.map_loss.item(),
+                )
+            )
             if not boundary:
                 continue
             step += 1
@@ -366,15 +387,16 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
                 now = time.perf_counter()
                 rate = (step - steps_at_log) * ds_config["train_batch_size"] / (now - t_log)
                 eta = (cfg.train.max_steps - step) * (now - t_log) / (step - steps_at_log)
-                loss, lm, edit = (sum(x) / len(window) for x in zip(*window))
+                loss, lm, edit, emap = (sum(x) / len(window) for x in zip(*window))
                 lr = scheduler.get_last_lr()[0]
                 log.info(
-                    "step %d/%d loss %.4f lm %.4f edit %.4f lr %.2e | %.2f samples/s | mem %.0f MiB | eta %s",
+                    "step %d/%d loss %.4f lm %.4f edit %.4f%s lr %.2e | %.2f samples/s | mem %.0f MiB | eta %s",
                     step,
                     cfg.train.max_steps,
                     loss,
                     lm,
                     edit,
+                    f" map {emap:.4f}" if cfg.model.edit_head.map_grid else "",
                     lr,
                     rate,
                     memory_mb(device),
@@ -385,6 +407,7 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
                         ("loss", loss),
                         ("lm_loss", lm),
                         ("edit_loss", edit),
+                        ("map_loss", emap),
                         ("lr", lr),
                         ("samples_per_s", rate),
                     ):

@@ -56,7 +56,8 @@ def test_gradients_reach_exactly_the_trainable_parameters(model):
     assert {id(p) for g in groups.values() for p in g} == {
         id(p) for n, p in model.named_parameters() if n in trainable
     }
-    assert all(len(g) > 0 for k, g in groups.items() if k != "mllm") and groups["mllm"] == []
+    assert all(len(g) > 0 for k, g in groups.items() if k not in ("mllm", "edit_map"))
+    assert groups["mllm"] == [] and groups["edit_map"] == []  # full MLLM training off, no map head
     assert not any(n.startswith("vae.") for n in trainable)
     assert not any("vision_tower" in n or "multi_modal_projector" in n for n in trainable)
     assert not any(n.endswith("embed_tokens.token_adapter.base_layer.weight") for n in trainable)

@@ -239,6 +239,12 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 CHANGE_TOL = 0.1
 
 
+def changed_pixels(source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> (B, 1, H, W), 1.0 where a channel moves by more than
+    ``CHANGE_TOL`` of the [0, 1] range."""
+    return ((target - source).abs().amax(1, keepdim=True) / 2 > CHANGE_TOL).float()
+
+
 @torch.no_grad()
 def change_weights(source: torch.Tensor, target: torch.Tensor, factor: int, weight: float) -> torch.Tensor:
     """Per-latent-cell loss weights: (B, 3, H, W) images in [-1, 1] -> (B, 1, H/factor, W/factor).
@@ -249,8 +255,7 @@ def change_weights(source: torch.Tensor, target: torch.Tensor, factor: int, weig
     example's loss towards what its edit changes without scaling it (a global edit keeps weight 1
     everywhere).
     """
-    changed = ((target - source).abs().amax(1, keepdim=True) / 2 > CHANGE_TOL).float()  # (B, 1, H, W)
-    cells = F.max_pool2d(changed, factor, factor)  # (B, 1, h, w)
+    cells = F.max_pool2d(changed_pixels(source, target), factor, factor)  # (B, 1, h, w)
     cells = F.max_pool2d(cells, 3, 1, padding=1)  # one cell of margin
     w = 1.0 + weight * cells
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
@@ -260,8 +265,7 @@ def change_weights(source: torch.Tensor, target: torch.Tensor, factor: int, weig
 def edit_map_target(source: torch.Tensor, target: torch.Tensor, grid: int) -> torch.Tensor:
     """Where an edit changes the image: (B, 3, H, W) images in [-1, 1] -> (B, 1, grid, grid) in
     {0, 1}, a cell being 1 when any pixel in it changes by more than ``CHANGE_TOL``."""
-    changed = ((target - source).abs().amax(1, keepdim=True) / 2 > CHANGE_TOL).float()  # (B, 1, H, W)
-    return F.adaptive_max_pool2d(changed, grid)  # (B, 1, g, g)
+    return F.adaptive_max_pool2d(changed_pixels(source, target), grid)  # (B, 1, g, g)
 
 
 def dropout_masks(batch: int, cfg: LossConfig, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:

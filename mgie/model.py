@@ -225,19 +225,19 @@ class MGIEModel(nn.Module):
             if w.change_weight
             else None
         )  # (B, 1, h, w) or None
-        grid = self.cfg.model.edit_head.map_grid
-        if not grid:
-            edit = edit_loss(self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights)
-            return MGIEOutput(loss=w.lm_weight * lm + w.edit_weight * edit, lm_loss=lm, edit_loss=edit)
-        logits = self.edit_head.edit_map(cond).float()  # (B, 1, g, g)
-        truth = edit_map_target(source.float(), target.float(), grid)  # (B, 1, g, g)
-        bce = nn.functional.binary_cross_entropy_with_logits(logits, truth)
-        teach = torch.rand(len(truth), device=truth.device, generator=generator) < w.map_teacher  # (B,)
-        edit_map = torch.where(teach[:, None, None, None], truth, torch.sigmoid(logits).detach())
+        grid, edit_map, bce = self.cfg.model.edit_head.map_grid, None, None
+        if grid:  # the predicted edit map: its BCE, and the map the UNet reads (true or predicted)
+            logits = self.edit_head.edit_map(cond).float()  # (B, 1, g, g)
+            truth = edit_map_target(source.float(), target.float(), grid)  # (B, 1, g, g)
+            bce = nn.functional.binary_cross_entropy_with_logits(logits, truth)
+            teach = torch.rand(len(truth), device=truth.device, generator=generator) < w.map_teacher  # (B,)
+            edit_map = torch.where(teach[:, None, None, None], truth, torch.sigmoid(logits).detach())
         edit = edit_loss(
             self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights, edit_map
         )
-        loss = w.lm_weight * lm + w.edit_weight * edit + w.map_weight * bce
+        loss = w.lm_weight * lm + w.edit_weight * edit
+        if bce is not None:
+            loss = loss + w.map_weight * bce
         return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:

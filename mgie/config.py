@@ -133,12 +133,16 @@ class EditHeadConfig:
     # from scratch keeps little of an early word in its [IMG] states (mgie-shapes: swapping the
     # colour of an "add" moves its conditioning by 0.03%, train/word_probe.py).
     read_text: bool = False
-    # Beyond the paper: > 0 adds a small MLP that reads the head's output (the UNet condition) and
-    # predicts a map_grid x map_grid map of where the edit changes the image (trained with
-    # model.loss.map_weight against the changed pixels); the UNet reads the map as one more input
-    # channel (model.diffusion.unet.map_channels: 1). The cross-attention alone must turn "the top
-    # left corner" into a place; mgie-shapes drew the same image whichever corner an add asked for.
+    # Beyond the paper: > 0 adds a map head (mgie.edit_head.MapHead: map_grid x map_grid cell
+    # queries attending to the [IMG] states and the text tokens the head reads) that predicts where
+    # the edit changes the image (trained with model.loss.map_weight against the changed pixels);
+    # the UNet reads the map as one more input channel (model.diffusion.unet.map_channels: 1). The
+    # cross-attention alone must turn "the top left corner" into a place; mgie-shapes drew the same
+    # image whichever corner an add asked for.
     map_grid: int = 0
+    # The map head also reads the LLM's last-layer states at the image patches, with learned
+    # positions: where "the red square" is must be seen. Needs model.mllm.use_image.
+    map_image: bool = False
 
 
 @dataclass
@@ -308,6 +312,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     train_unet: bool = True
+    # Parameter groups kept frozen (MGIEModel.trainable_groups): e.g. [lora, img_tokens, mllm,
+    # edit_head, unet] trains only a new map head (edit_map) on a finished model.
+    freeze: list[Literal["lora", "img_tokens", "mllm", "edit_head", "edit_map", "unet"]] = field(
+        default_factory=list
+    )
     log_every: int = 10
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -484,6 +493,10 @@ def validate(cfg: MGIEConfig) -> None:
         raise ConfigError(f"model.diffusion.unet.map_channels must be 0 or 1, got {unet.map_channels}")
     if m.edit_head.map_grid < 0:
         raise ConfigError(f"model.edit_head.map_grid must be >= 0, got {m.edit_head.map_grid}")
+    if m.edit_head.map_image and not (m.edit_head.map_grid and m.mllm.use_image):
+        raise ConfigError(
+            "model.edit_head.map_image needs model.edit_head.map_grid > 0 and model.mllm.use_image"
+        )
     if bool(unet.map_channels) != bool(m.edit_head.map_grid):
         raise ConfigError(
             "model.diffusion.unet.map_channels: 1 and model.edit_head.map_grid > 0 go together "

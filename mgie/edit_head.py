@@ -10,9 +10,9 @@ tokens, each its last-layer state plus its input embedding (rescaled to the stat
 through the same ``in`` projection, plus fixed sinusoidal positions (no new weights: a paper
 head's folder loads as it is); padded text tokens are masked out of both attentions.
 
-With ``map_grid`` (not in the paper) a small MLP, ``map_head``, reads the flattened output
-condition and predicts a ``map_grid`` x ``map_grid`` map of where the edit changes the image
-(logits), which the UNet reads as an input channel (:func:`mgie.diffusion.unet_input`).
+With ``map_grid`` (not in the paper) a :class:`MapHead` predicts a ``map_grid`` x ``map_grid``
+map of where the edit changes the image (logits) from what the head reads (the [IMG] states and
+the text tokens), which the UNet reads as an input channel (:func:`mgie.diffusion.unet_input`).
 """
 
 from __future__ import annotations
@@ -34,17 +34,55 @@ def sinusoid(length: int, dim: int, device=None, dtype=None) -> torch.Tensor:
     return enc.to(dtype)
 
 
-def build_map_head(num_queries: int, cross_attention_dim: int, grid: int, hidden: int = 256) -> nn.Sequential:
-    """The edit-map MLP: flattened (B, Q * C) condition -> (B, grid * grid) logits."""
-    return nn.Sequential(
-        nn.Linear(num_queries * cross_attention_dim, hidden), nn.GELU(), nn.Linear(hidden, grid * grid)
-    )
+class MapHead(nn.Module):
+    """Where an edit changes the image, from the tokens the edit head reads: ``grid * grid``
+    learned cell queries attend (a pre-norm Transformer decoder: self-attention between the cells,
+    cross-attention to the tokens) to the [IMG] states and the expressive text, one logit per cell.
+
+    It reads the tokens themselves, not the edit head's output: a head whose output does not yet
+    follow "the top left corner" (mgie-shapes) cannot pass the place on. With ``patches`` > 0 it
+    also reads that many image-patch states, each with a learned position (where "the red
+    square" is must be seen in the image).
+    """
+
+    def __init__(self, llm_hidden: int, width: int, heads: int, grid: int, patches: int = 0, layers: int = 2):
+        super().__init__()
+        self.grid = grid
+        self.inp = nn.Linear(llm_hidden, width)
+        self.cells = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
+        if patches:
+            self.patch_pos = nn.Parameter(torch.randn(1, patches, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(
+            width, heads, 4 * width, dropout=0.0, norm_first=True, batch_first=True
+        )
+        self.decoder = nn.TransformerDecoder(layer, layers, norm=nn.LayerNorm(width))
+        self.out = nn.Linear(width, 1)
+
+    def forward(
+        self, tokens: torch.Tensor, pad: torch.Tensor | None = None, patches: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``tokens`` (B, S, D), ``pad`` (B, S) True = ignore, ``patches`` (B, P, D) image-patch
+        states (``patches`` > 0 only) -> logits (B, 1, grid, grid)."""
+        q = self.cells.expand(tokens.shape[0], -1, -1)  # (B, g*g, w)
+        memory = self.inp(tokens)  # (B, S, w)
+        if patches is not None:
+            memory = torch.cat([self.inp(patches) + self.patch_pos, memory], 1)  # (B, P + S, w)
+            if pad is not None:
+                pad = torch.cat([torch.zeros(patches.shape[:2], dtype=torch.bool, device=pad.device), pad], 1)
+        y = self.decoder(q, memory, memory_key_padding_mask=pad)  # (B, g*g, w)
+        return self.out(y).view(-1, 1, self.grid, self.grid)
+
+
+def new_map_head(cfg: EditHeadConfig, llm_hidden: int, patches: int) -> MapHead:
+    """A freshly initialised :class:`MapHead` as ``cfg`` asks for (``patches``: the image's patch
+    count, read only with ``cfg.map_image``)."""
+    return MapHead(llm_hidden, cfg.hidden_size, cfg.num_heads, cfg.map_grid, patches if cfg.map_image else 0)
 
 
 class EditHead(nn.Module):
     """Maps (B, N, llm_hidden) [IMG] states to (B, num_queries, cross_attention_dim) conditioning."""
 
-    def __init__(self, cfg: EditHeadConfig, llm_hidden: int, cross_attention_dim: int):
+    def __init__(self, cfg: EditHeadConfig, llm_hidden: int, cross_attention_dim: int, patches: int = 0):
         super().__init__()
         self.cfg = cfg
         self.llm2hid = nn.Linear(llm_hidden, cfg.hidden_size)
@@ -61,7 +99,7 @@ class EditHead(nn.Module):
         )
         self.hid2feat = nn.Linear(cfg.hidden_size, cross_attention_dim)
         if cfg.map_grid:
-            self.map_head = build_map_head(cfg.num_queries, cross_attention_dim, cfg.map_grid)
+            self.map_head = new_map_head(cfg, llm_hidden, patches)
 
     def forward(
         self,
@@ -86,10 +124,22 @@ class EditHead(nn.Module):
         y = self.mapper(src=src, tgt=q, src_key_padding_mask=pad, memory_key_padding_mask=pad)
         return self.hid2feat(y)  # (B, Q, C)
 
-    def edit_map(self, cond: torch.Tensor) -> torch.Tensor:
-        """Edit-map logits from the head's output: (B, Q, C) -> (B, 1, g, g) (``map_grid`` only)."""
-        g = self.cfg.map_grid
-        return self.map_head(cond.flatten(1)).view(-1, 1, g, g)
+    def edit_map(
+        self,
+        hidden: torch.Tensor,
+        img_embeds: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Edit-map logits (B, 1, g, g) from the inputs of :meth:`forward` (``map_grid`` only):
+        the [IMG] states plus embeddings, then the text tokens (padding masked); ``patches``
+        (B, P, D) the image-patch states (``map_image`` only)."""
+        x = hidden + img_embeds  # (B, N, D)
+        if text is None or text.shape[1] == 0:
+            return self.map_head(x, patches=patches)
+        keep = torch.cat([torch.ones(x.shape[:2], dtype=torch.bool, device=x.device), text_mask], 1)
+        return self.map_head(torch.cat([x, text], 1), ~keep, patches)  # (B, 1, g, g)
 
     def null(self, img_embeds: torch.Tensor, batch: int = 1) -> torch.Tensor:
         """The null (unconditional) text condition: the head on zero states plus ``E``, no text

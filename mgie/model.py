@@ -46,6 +46,7 @@ from mgie.mllm import (
     load_mllm,
     make_trainable,
     merged_state_dict,
+    num_patches,
 )
 from mgie.tokens import TokenIds, img_hidden_states, text_states, token_ids
 
@@ -117,7 +118,9 @@ class MGIEModel(nn.Module):
             raise CheckpointError("UNet cross_attention_dim does not match the config")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="enable_nested_tensor")
-            head = EditHead(m.edit_head, m.mllm.text.hidden_size, unet.config.cross_attention_dim)
+            head = EditHead(
+                m.edit_head, m.mllm.text.hidden_size, unet.config.cross_attention_dim, num_patches(m.mllm)
+            )
         if m.mllm.gradient_checkpointing:
             mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(cfg, mllm, head, unet, vae, ids, tokenizer)
@@ -144,20 +147,21 @@ class MGIEModel(nn.Module):
         ids = torch.tensor(self.ids.img, device=self.device)
         return self.mllm.get_input_embeddings()(ids)
 
-    def condition(
+    def head_inputs(
         self, hidden: torch.Tensor, input_ids: torch.Tensor, answer: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """UNet conditioning from a teacher-forced pass: (B, L, D) states -> (B, Q, C).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What the edit head reads from a teacher-forced pass (B, L, D), in the head's dtype:
+        ``([IMG] states (B, N, D), [IMG] embeddings (N, D), text (B, T, D) or None, mask (B, T) or None)``.
 
-        With ``edit_head.read_text`` the head also reads the expressive text, the tokens of
-        ``answer`` (B, L; True over the assistant turn) before [IMG0]: their states plus input
-        embeddings, each embedding rescaled to its state's norm (:func:`mgie.tokens.text_states`).
+        With ``edit_head.read_text`` the text is the expressive text, the tokens of ``answer``
+        (B, L; True over the assistant turn) before [IMG0]: their states plus input embeddings,
+        each embedding rescaled to its state's norm (:func:`mgie.tokens.text_states`).
         """
         h = img_hidden_states(hidden, input_ids, self.ids.img)  # (B, N, D)
         e = self.img_embeddings()  # (N, D)
         dtype = self.edit_head.llm2hid.weight.dtype
         if not self.cfg.model.edit_head.read_text:
-            return self.edit_head(h.to(dtype), e.to(dtype))
+            return h.to(dtype), e.to(dtype), None, None
         if answer is None:
             raise ValueError("edit_head.read_text needs the answer span of each row")
         emb = self.mllm.get_input_embeddings()(input_ids).to(hidden.dtype)  # (B, L, D)
@@ -166,14 +170,34 @@ class MGIEModel(nn.Module):
         scale = hidden.norm(dim=-1, keepdim=True) / emb.norm(dim=-1, keepdim=True).clamp_min(1e-6)
         both = hidden + emb * scale  # (B, L, D)
         text, mask = text_states(both, input_ids, answer, self.ids.img[0])  # (B, T, D), (B, T)
-        return self.edit_head(h.to(dtype), e.to(dtype), text.to(dtype), mask)
+        return h.to(dtype), e.to(dtype), text.to(dtype), mask
 
-    def edit_map(self, cond: torch.Tensor) -> torch.Tensor | None:
-        """The predicted edit map, (B, Q, C) condition -> (B, 1, g, g) probabilities; None
+    def condition(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, answer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """UNet conditioning from a teacher-forced pass: (B, L, D) states -> (B, Q, C)
+        (``answer`` as :meth:`head_inputs`)."""
+        return self.edit_head(*self.head_inputs(hidden, input_ids, answer))
+
+    def edit_map(
+        self, hidden: torch.Tensor, input_ids: torch.Tensor, answer: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """The predicted edit map from a teacher-forced pass, (B, 1, g, g) probabilities; None
         without ``edit_head.map_grid`` (the paper's model)."""
         if not self.cfg.model.edit_head.map_grid:
             return None
-        return torch.sigmoid(self.edit_head.edit_map(cond.to(self.edit_head.llm2hid.weight.dtype)).float())
+        return torch.sigmoid(
+            self.edit_map_logits(hidden, input_ids, self.head_inputs(hidden, input_ids, answer))
+        )
+
+    def edit_map_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, inputs: tuple) -> torch.Tensor:
+        """Edit-map logits (B, 1, g, g), float32, from :meth:`head_inputs` ``inputs`` and, with
+        ``edit_head.map_image``, the last-layer states at the image patches (found by id)."""
+        patches = None
+        if self.cfg.model.edit_head.map_image:
+            at = input_ids == self.ids.im_patch  # (B, L), P per row
+            patches = hidden[at].view(len(hidden), -1, hidden.shape[-1]).to(inputs[0].dtype)  # (B, P, D)
+        return self.edit_head.edit_map(*inputs, patches=patches).float()
 
     def null_condition(self, batch: int = 1) -> torch.Tensor:
         """Null text condition: the edit head on zero states plus the [IMG] embeddings; (batch, Q, C)."""
@@ -213,10 +237,19 @@ class MGIEModel(nn.Module):
             keep = has_edit.nonzero().squeeze(1)  # (B',) the rows with an edit
             hidden, input_ids, labels = hidden[keep], input_ids[keep], labels[keep]
             source, target = source[keep], target[keep]
-        if not w.edit_weight or not len(source):  # an LM-only stage or batch: no diffusion
+        grid, edit_map, bce = self.cfg.model.edit_head.map_grid, None, None
+        inputs = self.head_inputs(hidden, input_ids, labels != -100) if len(source) else None
+        if grid and len(source):  # the predicted edit map: its BCE, and the map the UNet reads
+            logits = self.edit_map_logits(hidden, input_ids, inputs)  # (B, 1, g, g)
+            truth = edit_map_target(source.float(), target.float(), grid)  # (B, 1, g, g)
+            bce = nn.functional.binary_cross_entropy_with_logits(logits, truth)
+            teach = torch.rand(len(truth), device=truth.device, generator=generator) < w.map_teacher  # (B,)
+            edit_map = torch.where(teach[:, None, None, None], truth, torch.sigmoid(logits).detach())
+        if not w.edit_weight or not len(source):  # an LM-only (or LM + map) stage or batch: no diffusion
             edit = torch.zeros((), device=lm.device)
-            return MGIEOutput(loss=w.lm_weight * lm, lm_loss=lm, edit_loss=edit)
-        cond = self.condition(hidden, input_ids, labels != -100)  # (B', Q, C)
+            loss = w.lm_weight * lm + (w.map_weight * bce if bce is not None else 0)
+            return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce)
+        cond = self.edit_head(*inputs)  # (B', Q, C)
         null = self.null_condition()  # (1, Q, C)
         tgt = encode_target(self.vae, target, generator)  # (B, 4, h, w)
         src = encode_source(self.vae, source)  # (B, 4, h, w)
@@ -225,13 +258,6 @@ class MGIEModel(nn.Module):
             if w.change_weight
             else None
         )  # (B, 1, h, w) or None
-        grid, edit_map, bce = self.cfg.model.edit_head.map_grid, None, None
-        if grid:  # the predicted edit map: its BCE, and the map the UNet reads (true or predicted)
-            logits = self.edit_head.edit_map(cond).float()  # (B, 1, g, g)
-            truth = edit_map_target(source.float(), target.float(), grid)  # (B, 1, g, g)
-            bce = nn.functional.binary_cross_entropy_with_logits(logits, truth)
-            teach = torch.rand(len(truth), device=truth.device, generator=generator) < w.map_teacher  # (B,)
-            edit_map = torch.where(teach[:, None, None, None], truth, torch.sigmoid(logits).detach())
         edit = edit_loss(
             self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights, edit_map
         )
@@ -242,7 +268,7 @@ class MGIEModel(nn.Module):
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group: ``lora``, ``img_tokens``, ``mllm`` (full training),
-        ``edit_head``, ``edit_map`` (the edit head's map MLP, when it has one), ``unet``."""
+        ``edit_head``, ``edit_map`` (the edit head's :class:`~mgie.edit_head.MapHead`, when it has one), ``unet``."""
         groups: dict[str, list[nn.Parameter]] = {
             k: [] for k in ("lora", "img_tokens", "mllm", "edit_head", "edit_map", "unet")
         }
@@ -288,12 +314,14 @@ class MGIEModel(nn.Module):
         adapters: bool = False,
         overrides: list[str] | None = None,
         cfg: MGIEConfig | None = None,
+        skip_map_head: bool = False,
     ) -> MGIEModel:
         """Load a folder written by :meth:`save_pretrained`; every weight must be present and fit.
 
         ``adapters=True`` makes it trainable as ``model.mllm.trainable`` says (fresh LoRA/[IMG]
         adapters, or every weight) for further training; ``cfg``
-        replaces the folder's config (e.g. a fine-tuning run's), and must fit its weights.
+        replaces the folder's config (e.g. a fine-tuning run's), and must fit its weights;
+        ``skip_map_head`` leaves the folder's edit-map head out (training replaces it).
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer
@@ -323,6 +351,8 @@ class MGIEModel(nn.Module):
                 raise CheckpointError(f"{path / name}: {wrong}")
         model = cls._assemble(cfg, mllm, ids, tokenizer, unet, vae)
         state = load_file(path / "edit_head.safetensors")
+        if skip_map_head:
+            state = {k: v for k, v in state.items() if not k.startswith("map_head.")}
         try:
             model.edit_head.load_state_dict(state, strict=True)
         except RuntimeError as e:

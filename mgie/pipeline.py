@@ -78,6 +78,13 @@ class MGIEPipeline:
     @torch.no_grad()
     def describe(self, images: list[Image.Image], instructions: list[str]) -> tuple[list[str], torch.Tensor]:
         """Expressive instructions and UNet conditioning (B, Q, C) for RGB images + instructions."""
+        expressive, cond, _ = self._describe(images, instructions)
+        return expressive, cond
+
+    def _describe(
+        self, images: list[Image.Image], instructions: list[str]
+    ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
+        """:meth:`describe`, and the predicted edit map (B, 1, g, g) (None without a map head)."""
         model, ids = self.model, self.model.ids
         device = model.device
         texts = [self.check_instruction(t) for t in instructions]
@@ -99,8 +106,9 @@ class MGIEPipeline:
         answer = torch.arange(full_ids.shape[1], device=device) >= full_ids.shape[1] - span[:, None]
         _, hidden = model.mllm_forward(full_ids, full_mask, pixels)  # (B, L, D)
         cond = model.condition(hidden, full_ids, answer)  # (B, Q, C)
+        maps = model.edit_map(hidden, full_ids, answer)  # (B, 1, g, g) or None
         expressive = [normalize_text(self.tokenizer.decode(t, skip_special_tokens=True)) for t in text_ids]
-        return expressive, cond
+        return expressive, cond, maps
 
     def _generate(self, input_ids: torch.Tensor, mask: torch.Tensor, pixels: torch.Tensor) -> list[list[int]]:
         """Greedy expressive text of each row, up to (not including) ``</s>`` or any MGIE token."""
@@ -141,10 +149,9 @@ class MGIEPipeline:
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
         steps = steps or inf.steps
         seed = inf.seed if seed is None else seed
-        expressive, cond = self.describe(images, instructions)
+        expressive, cond, maps = self._describe(images, instructions)
         model, device = self.model, self.model.device
         null = model.null_condition()  # (1, Q, C)
-        maps = model.edit_map(cond)  # (B, 1, g, g) or None
         sched = sampling_scheduler(scheduler or inf.scheduler, self.cfg.model.diffusion.noise)
         multiple = max(8, vae_scale_factor(model.vae))
         sizes = [fit_size(*img.size, max_side or inf.max_side, multiple) for img in images]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from mgie.config import ConfigError, load_config, validate
 from mgie.diffusion import build_unet, edit_map_target, guided_noise, unet_input
+from mgie.edit_head import MapHead
 from mgie.model import CheckpointError, MGIEModel
 from mgie.pipeline import MGIEPipeline
 from train.optim import param_groups
@@ -92,8 +93,8 @@ def test_config_refuses_inconsistent_map_settings(tiny_cfg, change, message):
 
 def test_training_loss_adds_the_map_bce_and_feeds_the_true_map(tiny_cfg, tokenizer):
     """loss = lm + edit + map_weight * BCE(prediction, changed cells), recomputed here; with
-    map_teacher 1 and no dropout the UNet reads the true map; the BCE reaches the map MLP and,
-    through the condition, the edit head."""
+    map_teacher 1 and no dropout the UNet reads the true map; the BCE reaches the map head and the
+    MLLM's [IMG] embeddings, not the edit head (the map head reads the tokens, not its output)."""
     cfg = map_cfg(tiny_cfg, weight=0.3, teacher=1.0)
     cfg.model.loss.drop_text = cfg.model.loss.drop_both = cfg.model.loss.drop_image = 0.0
     model = make_model(cfg, tokenizer)
@@ -111,18 +112,45 @@ def test_training_loss_adds_the_map_bce_and_feeds_the_true_map(tiny_cfg, tokeniz
     )
     with torch.no_grad():
         _, hidden = model.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
-        cond = model.condition(hidden, batch["input_ids"], batch["labels"] != -100)
-        want = F.binary_cross_entropy_with_logits(model.edit_head.edit_map(cond), truth)
-    torch.testing.assert_close(out.map_loss, want)
+        want = F.binary_cross_entropy_with_logits(
+            torch.logit(model.edit_map(hidden, batch["input_ids"], batch["labels"] != -100)), truth
+        )
+    torch.testing.assert_close(out.map_loss, want, rtol=1e-4, atol=1e-5)
     h = seen[0].shape[-1]
     assert torch.equal(seen[0][:, 8:9], F.interpolate(truth, size=(h, h)))
     model.zero_grad()
     out.map_loss.backward()
-    assert model.edit_head.map_head[0].weight.grad.abs().sum() > 0
-    assert model.edit_head.hid2feat.weight.grad.abs().sum() > 0
+    assert model.edit_head.map_head.inp.weight.grad.abs().sum() > 0
+    assert model.edit_head.hid2feat.weight.grad is None
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.trainable_groups()["img_tokens"])
 
 
-def test_the_map_mlp_has_its_own_group_at_the_unet_rate(tiny_cfg, tokenizer):
+def test_map_head_ignores_padding_and_learns_a_place_from_a_word():
+    """Padded tokens do not change the map; 150 Adam steps learn "word A -> top left cell,
+    word B -> bottom right" from the word's token alone, whatever tokens surround it."""
+    torch.manual_seed(0)
+    head = MapHead(llm_hidden=16, width=32, heads=4, grid=2)
+    tokens, pad = torch.randn(2, 5, 16), torch.tensor([[False] * 3 + [True] * 2] * 2)
+    other = tokens.clone()
+    other[:, 3:] = torch.randn(2, 2, 16) * 100
+    torch.testing.assert_close(head(tokens, pad), head(other, pad))
+    words = torch.randn(2, 16)  # A, B
+    want = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]]).view(2, 1, 2, 2)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(150):
+        which = torch.randint(0, 2, (16,))
+        x = torch.randn(16, 4, 16)
+        x[torch.arange(16), torch.randint(0, 4, (16,))] = words[which]  # the word at a random place
+        loss = F.binary_cross_entropy_with_logits(head(x), want[which])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x = torch.randn(2, 4, 16)
+    x[:, 1] = words
+    assert torch.equal(torch.sigmoid(head(x)) > 0.5, want > 0.5)
+
+
+def test_the_map_head_has_its_own_group_at_the_unet_rate(tiny_cfg, tokenizer):
     cfg = map_cfg(tiny_cfg)
     cfg.train.lr, cfg.train.lr_edit_head, cfg.train.lr_unet = 1e-3, 1e-5, 0.0
     model = make_model(cfg, tokenizer)
@@ -134,24 +162,59 @@ def test_the_map_mlp_has_its_own_group_at_the_unet_rate(tiny_cfg, tokenizer):
 
 
 def test_a_map_model_saves_loads_and_edits(tmp_path, tiny_cfg, tokenizer):
-    """The map MLP travels in edit_head.safetensors; the loaded pipeline predicts the same map
-    and edits; a head file without the MLP's weights is refused."""
+    """The map head travels in edit_head.safetensors; the loaded pipeline predicts the same map
+    and edits; a head file without the map head's weights is refused."""
     cfg = map_cfg(tiny_cfg)
     model = make_model(cfg, tokenizer, adapters=False)
     model.save_pretrained(tmp_path / "m")
     loaded = MGIEModel.from_pretrained(tmp_path / "m")
-    cond = torch.randn(2, cfg.model.edit_head.num_queries, cfg.model.diffusion.unet.cross_attention_dim)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded.edit_map(cond), model.edit_map(cond))
-    assert loaded.edit_map(cond).shape == (2, 1, 4, 4)
-    out = MGIEPipeline(loaded)(
-        [random_image(32, 32, seed=1)], ["remove the red square"], steps=2, progress=False
-    )
-    assert out.images[0].size == (32, 32)
+    images, ins = [random_image(32, 32, seed=1), random_image(32, 32, seed=2)], ["remove the red square"] * 2
+    _, _, want = MGIEPipeline(model)._describe(images, ins)
+    pipe = MGIEPipeline(loaded)
+    _, _, got = pipe._describe(images, ins)
+    assert got.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(got, want)
+    assert pipe(images[:1], ins[:1], steps=2, progress=False).images[0].size == (32, 32)
     path = tmp_path / "m" / "edit_head.safetensors"
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("map_head.")}, path)
     with pytest.raises(CheckpointError, match="edit_head.safetensors"):
         MGIEModel.from_pretrained(tmp_path / "m")
+
+
+def test_freeze_trains_the_map_head_alone_without_diffusion(tmp_path, tiny_cfg, tokenizer):
+    """``train.freeze`` every other group and ``edit_weight`` 0: only the map head is trainable,
+    the loss is map_weight x BCE (no UNet pass), and a step changes the map head only."""
+    from train.run import build_model
+
+    make_model(map_cfg(tiny_cfg), tokenizer, adapters=False).save_pretrained(tmp_path / "ckpt")
+    cfg = map_cfg(load_config(tmp_path / "ckpt" / "config.yaml"), weight=2.0)
+    cfg.model.loss.lm_weight, cfg.model.loss.edit_weight = 0.0, 0.0
+    cfg.train.init_from = str(tmp_path / "ckpt")
+    cfg.train.freeze = ["lora", "img_tokens", "mllm", "edit_head", "unet"]
+    model = build_model(cfg)
+    groups = model.trainable_groups()
+    assert [k for k, v in groups.items() if v] == ["edit_map"]
+    calls = []
+    model.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    out = model(**make_batch(model), generator=torch.Generator().manual_seed(0))
+    assert not calls and out.edit_loss == 0
+    torch.testing.assert_close(out.loss, 2.0 * out.map_loss)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(groups["edit_map"], lr=0.1)
+    out.loss.backward()
+    opt.step()
+    changed = {
+        k.split(".")[0] + "." + k.split(".")[1]
+        for k, v in model.state_dict().items()
+        if not torch.equal(v, before[k])
+    }
+    assert changed == {"edit_head.map_head"}
+
+
+def test_config_refuses_an_unknown_group_to_freeze(tiny_cfg, tmp_path):
+    (tmp_path / "c.yaml").write_text("preset: tiny\ntrain:\n  freeze: [vae]\n")
+    with pytest.raises(ConfigError, match="freeze"):
+        load_config(tmp_path / "c.yaml")
 
 
 @pytest.mark.parametrize("coord", [0, 2])
@@ -166,7 +229,7 @@ def test_training_starts_a_map_run_from_a_folder_without_one(tmp_path, tiny_cfg,
     cfg = map_cfg(load_config(tmp_path / "ckpt" / "config.yaml"), coord)
     cfg.train.init_from = str(tmp_path / "ckpt")
     model = load_init_from(cfg)
-    assert model.unet.config.in_channels == 9 + coord and hasattr(model.edit_head, "map_head")
+    assert model.unet.config.in_channels == 9 + coord and isinstance(model.edit_head.map_head, MapHead)
     g = torch.Generator().manual_seed(3)
     x, src = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     c = torch.randn(2, 5, tiny_cfg.model.diffusion.unet.cross_attention_dim, generator=g)
@@ -176,3 +239,65 @@ def test_training_starts_a_map_run_from_a_folder_without_one(tmp_path, tiny_cfg,
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     model.save_pretrained(tmp_path / "map")
     assert MGIEModel.from_pretrained(tmp_path / "map").cfg.model.edit_head.map_grid == 4
+
+
+def test_training_keeps_a_fitting_map_head_and_replaces_another(tmp_path, tiny_cfg, tokenizer):
+    """``train.init_from`` a folder with a map head: the same grid loads its weights; another grid
+    gets a fresh head while the UNet (already 9-channel) and the rest load unchanged."""
+    from train.run import load_init_from
+
+    src = make_model(map_cfg(tiny_cfg), tokenizer, adapters=False)
+    src.save_pretrained(tmp_path / "ckpt")
+    cfg = load_config(tmp_path / "ckpt" / "config.yaml")
+    cfg.train.init_from = str(tmp_path / "ckpt")
+    same = load_init_from(cfg)
+    for k, v in src.edit_head.state_dict().items():
+        torch.testing.assert_close(same.edit_head.state_dict()[k], v)
+    cfg.model.edit_head.map_grid = 2
+    other = load_init_from(cfg)
+    assert other.edit_head.map_head.grid == 2 and other.unet.config.in_channels == 9
+    for k, v in src.unet.state_dict().items():
+        torch.testing.assert_close(other.unet.state_dict()[k], v)
+    for k, v in src.edit_head.state_dict().items():
+        if not k.startswith("map_head."):
+            torch.testing.assert_close(other.edit_head.state_dict()[k], v)
+
+
+def test_map_image_reads_the_patch_states_with_their_positions(tiny_cfg, tokenizer):
+    """``edit_head.map_image``: the map head gets the last-layer states at the <im_patch> tokens
+    (checked against their place in the prompt, after <im_start>), and their learned positions
+    matter (the same patches in another order give another map)."""
+    from mgie.mllm import num_patches
+
+    cfg = map_cfg(tiny_cfg)
+    cfg.model.edit_head.map_image = True
+    validate(cfg)
+    model = make_model(cfg, tokenizer)
+    p = num_patches(cfg.model.mllm)
+    assert model.edit_head.map_head.patch_pos.shape == (1, p, cfg.model.edit_head.hidden_size)
+    batch = make_batch(model)
+    seen = {}
+    model.edit_head.map_head.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.update(
+            patches=kwargs.get("patches", args[2] if len(args) > 2 else None)
+        ),
+        with_kwargs=True,
+    )
+    with torch.no_grad():
+        _, hidden = model.mllm_forward(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        model.edit_map(hidden, batch["input_ids"], batch["labels"] != -100)
+    for row, ids in enumerate(batch["input_ids"]):
+        start = (ids == model.ids.im_start).nonzero().item() + 1
+        torch.testing.assert_close(seen["patches"][row], hidden[row, start : start + p])
+    head = model.edit_head.map_head
+    tokens, patches = torch.randn(1, 3, hidden.shape[-1]), torch.randn(1, p, hidden.shape[-1])
+    with torch.no_grad():
+        a, b = head(tokens, patches=patches), head(tokens, patches=patches.flip(1))
+    assert not torch.allclose(a, b)
+
+
+def test_config_refuses_map_image_without_a_map(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.edit_head.map_image = True
+    with pytest.raises(ConfigError, match="map_image"):
+        validate(cfg)

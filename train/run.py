@@ -205,6 +205,10 @@ def build_model(cfg: MGIEConfig):
         _load_vae(model, cfg)
     if not cfg.train.train_unet:
         model.unet.requires_grad_(False)
+    groups = model.trainable_groups()
+    for name in cfg.train.freeze:
+        for p in groups[name]:
+            p.requires_grad_(False)
     return model
 
 
@@ -213,34 +217,52 @@ def load_init_from(cfg: MGIEConfig):
     for gets them: its ``conv_in`` is widened (:func:`mgie.diffusion.widen_conv_in`) for the
     coordinate channels (``model.diffusion.unet.coord_channels``; ``train.coord_init`` 0 = zero
     weights, else that multiple of a default draw) and then, at zero, for the edit map
-    (``map_channels``), whose MLP the edit head gains fresh (``edit_head.map_grid``). With zero
-    weights the model starts out computing what the folder did."""
+    (``map_channels``). The edit head gets a fresh :class:`~mgie.edit_head.MapHead` when the
+    config asks for one (``edit_head.map_grid``) and the folder's does not fit it (none, or another
+    grid or design). With zero weights the model starts out computing what the folder did."""
     import copy
     import json
 
+    from safetensors import safe_open
+
     from mgie.diffusion import widen_conv_in
-    from mgie.edit_head import build_map_head
+    from mgie.edit_head import new_map_head
+    from mgie.mllm import num_patches
     from mgie.model import MGIEModel
 
     unet, head = cfg.model.diffusion.unet, cfg.model.edit_head
-    folder = Path(cfg.train.init_from) / "unet" / "config.json"
+    root = Path(cfg.train.init_from)
+    folder = root / "unet" / "config.json"
     has = json.loads(folder.read_text()).get("in_channels") if folder.is_file() else None
     plain = unet.in_channels - unet.coord_channels - unet.map_channels  # the IP2P 8
-    if has == unet.in_channels or has not in (plain, plain + unet.coord_channels):
+    fresh = (
+        new_map_head(head, cfg.model.mllm.text.hidden_size, num_patches(cfg.model.mllm))
+        if head.map_grid
+        else None
+    )
+    if fresh is not None and (root / "edit_head.safetensors").is_file():
+        with safe_open(root / "edit_head.safetensors", "pt") as f:
+            saved = {k[len("map_head.") :]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                     if k.startswith("map_head.")}  # fmt: skip
+        if saved == {k: tuple(v.shape) for k, v in fresh.state_dict().items()}:
+            fresh = None  # the folder's map head fits: load it
+    if has not in (plain, plain + unet.coord_channels, unet.in_channels) or (
+        fresh is None and has == unet.in_channels
+    ):  # nothing to add (or a folder that cannot fit, which from_pretrained reports)
         return MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
     start = copy.deepcopy(cfg)  # the folder's own layout, for loading
     s_unet, s_head = start.model.diffusion.unet, start.model.edit_head
-    s_unet.in_channels, s_unet.coord_channels = has, has - plain
-    s_unet.map_channels, s_head.map_grid = 0, 0
-    model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=start)
+    if has != unet.in_channels:
+        s_unet.in_channels, s_unet.coord_channels, s_unet.map_channels = has, has - plain, 0
+    s_head.map_grid = 0
+    model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=start, skip_map_head=True)
     if has < plain + unet.coord_channels:
         widen_conv_in(model.unet, plain + unet.coord_channels, cfg.train.coord_init)
-    if unet.map_channels:
+    if unet.map_channels and has < unet.in_channels:
         widen_conv_in(model.unet, unet.in_channels, 0.0)
-        eh = model.edit_head
-        eh.map_head = build_map_head(head.num_queries, eh.hid2feat.out_features, head.map_grid).to(
-            eh.hid2feat.weight.device, eh.hid2feat.weight.dtype
-        )
+    if fresh is not None:
+        w = model.edit_head.llm2hid.weight
+        model.edit_head.map_head = fresh.to(w.device, w.dtype)
     model.edit_head.cfg = head
     model.cfg = cfg
     return model

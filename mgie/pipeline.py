@@ -81,6 +81,7 @@ class MGIEPipeline:
         expressive, cond, _ = self._describe(images, instructions)
         return expressive, cond
 
+    @torch.no_grad()
     def _describe(
         self, images: list[Image.Image], instructions: list[str]
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:

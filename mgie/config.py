@@ -311,7 +311,7 @@ class TrainConfig:
     lr_unet: float = 0.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
-    train_unet: bool = True
+    train_unet: bool = True  # false = freeze: [unet]
     # Parameter groups kept frozen (MGIEModel.trainable_groups): e.g. [lora, img_tokens, mllm,
     # edit_head, unet] trains only a new map head (edit_map) on a finished model.
     freeze: list[Literal["lora", "img_tokens", "mllm", "edit_head", "edit_map", "unet"]] = field(

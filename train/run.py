@@ -203,10 +203,8 @@ def build_model(cfg: MGIEConfig):
         model = MGIEModel.from_config(cfg, tokenizer)
     if cfg.train.init_vae:  # replaces init_from's VAE too (before a UNet learns its latents)
         _load_vae(model, cfg)
-    if not cfg.train.train_unet:
-        model.unet.requires_grad_(False)
     groups = model.trainable_groups()
-    for name in cfg.train.freeze:
+    for name in {*cfg.train.freeze, *([] if cfg.train.train_unet else ["unet"])}:
         for p in groups[name]:
             p.requires_grad_(False)
     return model

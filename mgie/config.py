@@ -259,6 +259,10 @@ class InferenceConfig:
     no_repeat_ngram_size: int = 3
     max_side: int = 512  # the longer image side is brought down to this (multiple of 8)
     seed: int = 13331
+    # Beyond the paper: > 0 gives back the source's own full-resolution pixels wherever the edit
+    # left the image alone (latent cells whose mean colour moved by at most this, in [0, 1], and
+    # not next to one that moved; mgie.images.keep_unchanged). 0 = the plain decoded output.
+    keep_unchanged: float = 0.0
 
 
 # ----------------------------------------------------------------------------- data / train
@@ -475,6 +479,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: MGIEConfig) -> None:
     """Value checks that types alone cannot express."""
     m = cfg.model
+    if not 0 <= cfg.inference.keep_unchanged <= 1:
+        raise ConfigError(f"inference.keep_unchanged must be in [0, 1], got {cfg.inference.keep_unchanged}")
     if m.mllm.num_img_tokens < 1:
         raise ConfigError("model.mllm.num_img_tokens must be >= 1")
     if m.edit_head.hidden_size % m.edit_head.num_heads:

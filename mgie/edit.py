@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-side", type=ranged(int, 64, 4096), help="longer side used for diffusion (default 512)"
     )
+    p.add_argument(
+        "--keep-unchanged",
+        type=ranged(float, 0.0, 1.0),
+        metavar="TOL",
+        help="keep the input's own pixels where the edit moved a latent cell's colour by <= TOL "
+        "(0 = off; default: the config's, 0.1 for the built-in model)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto (default)")
     p.add_argument(
         "--dtype",
@@ -173,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         max_side=args.max_side,
         progress=not args.quiet,
+        keep=args.keep_unchanged,
     )
     t2 = time.perf_counter()
     save_image(result.images[0], loaded.alpha, out)

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mgie.diffusion import decode, encode_source, sample, sampling_scheduler, vae_scale_factor
-from mgie.images import fit_size, to_pil, to_tensor
+from mgie.images import fit_size, keep_unchanged, to_pil, to_tensor
 from mgie.mllm import prompt_image_tokens
 from mgie.model import MGIEModel
 from mgie.tokens import build_prompt, encode_chunk, normalize_text, pad_sequences
@@ -143,13 +143,16 @@ class MGIEPipeline:
         scheduler: str | None = None,
         max_side: int | None = None,
         progress: bool = True,
+        keep: float | None = None,
     ) -> EditResult:
-        """Edit RGB ``images`` following ``instructions`` (unset options take the config's values)."""
+        """Edit RGB ``images`` following ``instructions`` (unset options take the config's values;
+        ``keep`` is ``inference.keep_unchanged``: > 0 keeps the source's pixels where nothing changed)."""
         inf = self.cfg.inference
         if len(images) != len(instructions):
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
         steps = steps or inf.steps
         seed = inf.seed if seed is None else seed
+        keep = inf.keep_unchanged if keep is None else keep
         expressive, cond, maps = self._describe(images, instructions)
         model, device = self.model, self.model.device
         null = model.null_condition()  # (1, Q, C)
@@ -171,7 +174,15 @@ class MGIEPipeline:
                 progress=partial(tqdm, desc=f"diffusion {w}x{h} x{len(idx)}", leave=False) if progress else None,
                 edit_map=None if maps is None else maps[idx],
             )  # fmt: skip
-            for i, out in zip(idx, to_pil(decode(model.vae, latents))):
+            decoded = decode(model.vae, latents)  # (b, 3, h, w) in [0, 1]
+            if keep > 0:
+                cell = vae_scale_factor(model.vae)
+                for k, i in enumerate(idx):
+                    outputs[i] = keep_unchanged(
+                        images[i], src[k].cpu() / 2 + 0.5, decoded[k].cpu(), keep, cell
+                    )
+                continue
+            for i, out in zip(idx, to_pil(decoded)):
                 size = images[i].size
                 outputs[i] = out if out.size == size else out.resize(size, Image.Resampling.LANCZOS)
         return EditResult(images=outputs, expressive=expressive)

@@ -73,6 +73,21 @@ def test_default_output_is_beside_the_input_and_never_overwrites(tmp_path, capsy
     assert digest(src) == before
 
 
+def test_keep_unchanged_one_gives_the_input_back_pixel_for_pixel(tmp_path, capsys):
+    """--keep-unchanged reaches the pipeline: with 1 no cell counts as changed."""
+    src = tmp_path / "photo.png"
+    random_image(40, 32).save(src)
+    out = tmp_path / "out.png"
+    argv = ["--image", str(src), "--instruction", "make it dark", "--out", str(out), *FAST]
+    assert run_cli(capsys, *argv, "--keep-unchanged", "1")[0] == 0
+    with Image.open(out) as im, Image.open(src) as orig:
+        assert np.array_equal(np.asarray(im), np.asarray(orig))
+    out.unlink()
+    assert run_cli(capsys, *argv, "--keep-unchanged", "0")[0] == 0
+    with Image.open(out) as im, Image.open(src) as orig:
+        assert not np.array_equal(np.asarray(im), np.asarray(orig))
+
+
 def _modes(tmp_path: Path) -> dict[str, Path]:
     rgb = random_image(36, 28, seed=4)
     files = {}
@@ -140,6 +155,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, list[str]]:
         "image guidance huge": [*g, *ok, "--image-guidance", "1000"],
         "seed negative": [*g, *ok, "--seed", "-3"],
         "max side tiny": [*g, *ok, "--max-side", "4"],
+        "keep unchanged above 1": [*g, *ok, "--keep-unchanged", "1.5"],
         "missing checkpoint": [*g, *ok, "--checkpoint", str(tmp_path / "no_ckpt")],
         "not a checkpoint": [*g, *ok, "--checkpoint", str(empty_dir)],
         "out is input": [*g, *ok, "--out", str(good)],
@@ -167,6 +183,7 @@ BAD = [
     "image guidance huge",
     "seed negative",
     "max side tiny",
+    "keep unchanged above 1",
     "missing checkpoint",
     "not a checkpoint",
     "out is input",

@@ -62,3 +62,18 @@ def test_paired_comparison_counts_changed_examples_and_mcnemar_z(tmp_path, capsy
     assert "scored different examples" in capsys.readouterr().err
     assert main([f"old={a}", f"norows={_report(tmp_path / 'e.json', {'all': 0.5})}"]) == 0
     assert "McNemar" not in capsys.readouterr().out  # reports of before row_success: no paired table
+
+
+def test_settings_comparison_allows_other_settings_and_names_them(tmp_path, capsys):
+    a = _report(tmp_path / "a.json", {"all": 0.1})
+    b = json.loads(_report(tmp_path / "b.json", {"all": 0.2}).read_text())
+    b["inference"] = {"guidance": 1.5, "keep_unchanged": 0.1}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert main([f"plain={a}", f"keep={tmp_path / 'b.json'}"]) == 2  # settings differ: refused
+    assert "differ in 'inference'" in capsys.readouterr().err
+    assert main(["--settings", f"plain={a}", f"keep={tmp_path / 'b.json'}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "keep vs plain: keep_unchanged None -> 0.1"
+    assert lines[4].startswith("| plain |") and lines[5].startswith("| keep |")
+    c = _report(tmp_path / "c.json", {"all": 0.1}, data="data/shapes/val")
+    assert main(["--settings", f"plain={a}", f"c={c}"]) == 2  # other data: still refused

@@ -7,6 +7,9 @@ list each example's success (``row_success``), a paired comparison of each model
 the examples it now passes and now fails, and McNemar's z. The reports must come
 from ``python -m mgie.evaluate`` on the same manifest, the same number of examples and the same
 inference settings; otherwise the comparison would not be one, and the command says which differs.
+``--settings`` compares inference settings instead (one model, several settings): the settings
+may then differ, and a line above the tables names, for each report, those that differ from the
+first's.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ KINDS = ("local", "global", "ambiguous")
 SAME = ("data", "n", "steps", "inference")  # report fields that must agree across models
 
 
-def load_reports(items: list[str]) -> dict[str, dict]:
+def load_reports(items: list[str], same: tuple[str, ...] = SAME) -> dict[str, dict]:
     """``{name: report}`` from ``NAME=REPORT.json`` items; ``ValueError`` on a malformed item,
-    a report without edit success, or reports that differ in data, size or settings."""
+    a report without edit success, or reports that differ in a field of ``same`` (data, size,
+    settings)."""
     reports: dict[str, dict] = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -37,7 +41,7 @@ def load_reports(items: list[str]) -> dict[str, dict]:
         reports[name] = report
     first_name, first = next(iter(reports.items()))
     for name, report in reports.items():
-        for key in SAME:
+        for key in same:
             if report.get(key) != first.get(key):
                 raise ValueError(
                     f"{name} and {first_name} differ in {key!r} ({report.get(key)!r} vs {first.get(key)!r})"
@@ -108,16 +112,41 @@ def paired_table(reports: dict[str, dict]) -> list[str]:
     return lines
 
 
+def settings_lines(reports: dict[str, dict]) -> list[str]:
+    """For each report after the first, the inference settings that differ from the first's."""
+    first_name, first = next(iter(reports.items()))
+    base = {"steps": first.get("steps"), **(first.get("inference") or {})}
+    lines = []
+    for name, report in list(reports.items())[1:]:
+        own = {"steps": report.get("steps"), **(report.get("inference") or {})}
+        diff = [
+            f"{k} {base.get(k)!r} -> {own.get(k)!r}"
+            for k in sorted(set(base) | set(own))
+            if base.get(k) != own.get(k)
+        ]
+        lines.append(f"{name} vs {first_name}: " + (", ".join(diff) or "the same settings"))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; errors are one line and exit 2."""
     p = Parser(prog="train/compare.py", description=__doc__.splitlines()[0])
     p.add_argument("reports", nargs="+", metavar="NAME=REPORT.json")
+    p.add_argument("--settings", action="store_true", help="compare inference settings: they may differ")
     args = p.parse_args(argv)
 
     def run() -> int:
-        reports = load_reports(args.reports)
+        if args.settings:
+            reports = load_reports(args.reports, tuple(k for k in SAME if k not in ("steps", "inference")))
+            head = settings_lines(reports) + [""]
+        else:
+            reports, head = load_reports(args.reports), []
         paired = paired_table(reports)
-        print("\n".join(kind_table(reports) + [""] + edit_table(reports) + ([""] + paired if paired else [])))
+        print(
+            "\n".join(
+                head + kind_table(reports) + [""] + edit_table(reports) + ([""] + paired if paired else [])
+            )
+        )
         return 0
 
     return run_command(run)

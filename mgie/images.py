@@ -108,20 +108,21 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def keep_unchanged(
     source: Image.Image,
+    output: Image.Image,
     small_source: torch.Tensor,
     small_output: torch.Tensor,
     tol: float,
     cell: int,
     grow: int = 1,
 ) -> Image.Image:
-    """The edited image at the source's size, with the source's own pixels where the edit left it alone.
+    """``output`` (at the source's size) with the source's own pixels where the edit left it alone.
 
     ``small_source`` and ``small_output`` (3, h, w) in [0, 1] are the source and the decoded output
     at the diffusion size. A cell of ``cell`` x ``cell`` px (one latent cell) counts as changed when
     its mean colour moved by more than ``tol`` in any channel; cells within ``grow`` cells of a
-    changed one count as changed too. Changed cells take the output (resized to the source with
-    Lanczos), the others the full-resolution source; the mask is upsampled bilinearly, so the two
-    blend over one cell at the border. Everything changed (a global edit) gives the plain output.
+    changed one count as changed too. Changed cells take ``output``, the others the
+    full-resolution source; the mask is upsampled bilinearly, so the two blend over one cell at the
+    border. Everything changed (a global edit) gives ``output`` itself.
     """
     h, w = small_source.shape[-2:]
     if h % cell or w % cell:
@@ -129,11 +130,10 @@ def keep_unchanged(
     moved = F.avg_pool2d(small_output[None].float(), cell) - F.avg_pool2d(small_source[None].float(), cell)
     changed = (moved.abs().amax(1, keepdim=True) > tol).float()  # (1, 1, h / cell, w / cell)
     changed = F.max_pool2d(changed, 2 * grow + 1, stride=1, padding=grow) if grow else changed
-    out = to_pil(small_output[None])[0].resize(source.size, Image.Resampling.LANCZOS)
     if bool(changed.all()):
-        return out
+        return output
     mask = F.interpolate(changed, size=(source.height, source.width), mode="bilinear")[0, 0]  # (H, W)
-    mask = mask.numpy()[..., None]  # (H, W, 1) in [0, 1]
+    mask = mask.cpu().numpy()[..., None]  # (H, W, 1) in [0, 1]
     src = np.asarray(source.convert("RGB"), dtype=np.float32)  # (H, W, 3)
-    mixed = mask * np.asarray(out, dtype=np.float32) + (1.0 - mask) * src
+    mixed = mask * np.asarray(output, dtype=np.float32) + (1.0 - mask) * src
     return Image.fromarray(mixed.round().clip(0, 255).astype(np.uint8))

@@ -157,7 +157,8 @@ class MGIEPipeline:
         model, device = self.model, self.model.device
         null = model.null_condition()  # (1, Q, C)
         sched = sampling_scheduler(scheduler or inf.scheduler, self.cfg.model.diffusion.noise)
-        multiple = max(8, vae_scale_factor(model.vae))
+        cell = vae_scale_factor(model.vae)  # pixels per latent cell
+        multiple = max(8, cell)
         sizes = [fit_size(*img.size, max_side or inf.max_side, multiple) for img in images]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, size in enumerate(sizes):
@@ -175,16 +176,12 @@ class MGIEPipeline:
                 edit_map=None if maps is None else maps[idx],
             )  # fmt: skip
             decoded = decode(model.vae, latents)  # (b, 3, h, w) in [0, 1]
-            if keep > 0:
-                cell = vae_scale_factor(model.vae)
-                for k, i in enumerate(idx):
-                    outputs[i] = keep_unchanged(
-                        images[i], src[k].cpu() / 2 + 0.5, decoded[k].cpu(), keep, cell
-                    )
-                continue
-            for i, out in zip(idx, to_pil(decoded)):
+            for k, (i, out) in enumerate(zip(idx, to_pil(decoded))):
                 size = images[i].size
-                outputs[i] = out if out.size == size else out.resize(size, Image.Resampling.LANCZOS)
+                out = out if out.size == size else out.resize(size, Image.Resampling.LANCZOS)
+                if keep > 0:
+                    out = keep_unchanged(images[i], out, src[k] / 2 + 0.5, decoded[k], keep, cell)
+                outputs[i] = out
         return EditResult(images=outputs, expressive=expressive)
 
 

@@ -21,6 +21,11 @@ def _small(img: Image.Image, size) -> torch.Tensor:
     ).permute(2, 0, 1)
 
 
+def _plain(small: torch.Tensor, size) -> Image.Image:
+    """The decoded output resized to the source, as the pipeline does without keep_unchanged."""
+    return to_pil(small[None])[0].resize(size, Image.Resampling.LANCZOS)
+
+
 def _reference_cells(src: np.ndarray, out: np.ndarray, tol: float, cell: int, grow: int) -> np.ndarray:
     """Changed cells, recomputed with loops in float64: (rows, cols) bool."""
     rows, cols = src.shape[1] // cell, src.shape[2] // cell
@@ -43,10 +48,9 @@ def test_unchanged_cells_take_the_source_and_changed_ones_the_output():
     small_out = small_src.clone()
     small_out[:, 8:16, 24:32] = torch.tensor([0.9, 0.1, 0.1])[:, None, None]  # a red patch: 2 x 2 cells
     small_out[:, 20:32, 0:12] += 0.03  # a faint shift, below the tolerance: not an edit
-    result = np.asarray(keep_unchanged(source, small_src, small_out, TOL, CELL), dtype=np.int16)
-    plain = np.asarray(
-        to_pil(small_out.clamp(0, 1)[None])[0].resize(source.size, Image.Resampling.LANCZOS), dtype=np.int16
-    )
+    plain_img = _plain(small_out.clamp(0, 1), source.size)
+    result = np.asarray(keep_unchanged(source, plain_img, small_src, small_out, TOL, CELL), dtype=np.int16)
+    plain = np.asarray(plain_img, dtype=np.int16)
     src = np.asarray(source, dtype=np.int16)
     cells = _reference_cells(small_src.numpy(), small_out.numpy(), TOL, CELL, grow=1)
     assert cells.sum() == 16  # the 2 x 2 patch grown by one cell: 4 x 4
@@ -67,15 +71,17 @@ def test_a_global_edit_gives_the_plain_output_and_no_edit_the_source():
     source = random_image(64, 64, seed=2)
     small_src = _small(source, (32, 32))
     darker = small_src * 0.5  # every cell moves
-    plain = to_pil(darker[None])[0].resize(source.size, Image.Resampling.LANCZOS)
-    assert keep_unchanged(source, small_src, darker, TOL, CELL).tobytes() == plain.tobytes()
-    assert keep_unchanged(source, small_src, small_src + 0.01, TOL, CELL).tobytes() == source.tobytes()
+    plain = _plain(darker, source.size)
+    assert keep_unchanged(source, plain, small_src, darker, TOL, CELL).tobytes() == plain.tobytes()
+    faint = small_src + 0.01
+    kept = keep_unchanged(source, _plain(faint, source.size), small_src, faint, TOL, CELL)
+    assert kept.tobytes() == source.tobytes()
 
 
 def test_size_must_be_a_multiple_of_the_cell():
     source = random_image(30, 30)
     with pytest.raises(ValueError, match="multiple of the cell"):
-        keep_unchanged(source, _small(source, (30, 30)), _small(source, (30, 30)), TOL, 4)
+        keep_unchanged(source, source, _small(source, (30, 30)), _small(source, (30, 30)), TOL, 4)
 
 
 def test_pipeline_keep_one_gives_the_source_back_and_zero_the_plain_output(tiny_cfg, tokenizer):

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mgie.cli import Parser, run_command  # noqa: E402
 
 KINDS = ("local", "global", "ambiguous")
-SAME = ("data", "n", "steps", "inference")  # report fields that must agree across models
+SETTINGS = ("steps", "inference")  # report fields that --settings lets differ
+SAME = ("data", "n", *SETTINGS)  # report fields that must agree across models
 
 
 def load_reports(items: list[str], same: tuple[str, ...] = SAME) -> dict[str, dict]:
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         if args.settings:
-            reports = load_reports(args.reports, tuple(k for k in SAME if k not in ("steps", "inference")))
+            reports = load_reports(args.reports, tuple(k for k in SAME if k not in SETTINGS))
             head = settings_lines(reports) + [""]
         else:
             reports, head = load_reports(args.reports), []

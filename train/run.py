@@ -204,7 +204,8 @@ def build_model(cfg: MGIEConfig):
     if cfg.train.init_vae:  # replaces init_from's VAE too (before a UNet learns its latents)
         _load_vae(model, cfg)
     groups = model.trainable_groups()
-    for name in {*cfg.train.freeze, *([] if cfg.train.train_unet else ["unet"])}:
+    frozen = set(cfg.train.freeze) | (set() if cfg.train.train_unet else {"unet"})
+    for name in frozen:
         for p in groups[name]:
             p.requires_grad_(False)
     return model

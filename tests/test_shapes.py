@@ -373,3 +373,87 @@ def test_corner_probe_finds_the_quadrants_an_add_changed():
     inverted = replace(src, ops=(("invert", ""),))
     assert changed_quadrants(shapes.render(src), shapes.render(inverted)) == [True] * 4
     assert changed_quadrants(shapes.render(src), shapes.render(src)) == [False] * 4
+
+
+def test_word_distance_against_known_cases():
+    d = shapes.word_distance
+    assert d([], []) == 0 and d("a b c".split(), []) == 3 and d([], ["x"]) == 1
+    # make [-it] a negative [+of] [+it]
+    assert d("make it a negative".split(), "make a negative of it".split()) == 3
+    assert d("give it {more} contrasty".split(), "give it {more} contrast".split()) == 1
+    assert d("put the {name} in the {corner}".split(), "move the {name} to the {corner}".split()) == 2
+    rng = random.Random(0)
+    for _ in range(50):  # symmetric, and the triangle inequality holds
+        a, b, c = ([rng.choice("xyz") for _ in range(rng.randint(0, 5))] for _ in range(3))
+        assert d(a, b) == d(b, a) <= max(len(a), len(b))
+        assert d(a, c) <= d(a, b) + d(b, c)
+
+
+def test_lead_swaps_reword_seen_templates_and_stay_away_from_held_out_ones():
+    import re
+
+    heldout = [f[-1].split() for f in FAMILIES.values()]
+    family_templates = {t for f in FAMILIES.values() for t in f}
+    all_swaps = [t for ts in shapes.LEAD_SWAPS.values() for t in ts]
+    assert len(all_swaps) == len(set(all_swaps)) > 40 and not set(all_swaps) & family_templates
+    seen_words = {w for f in FAMILIES.values() for t in f[:-1] for w in t.split()}
+    for edit, swaps in shapes.LEAD_SWAPS.items():
+        for t in swaps:
+            lead, *rest = t.split()
+            assert lead in shapes.NEUTRAL_LEADS and set(t.split()) <= seen_words, t
+            # the same words after the lead as one of the edit's seen templates with a neutral lead
+            assert any(
+                f.split()[1:] == rest and f.split()[0] in shapes.NEUTRAL_LEADS for f in FAMILIES[edit][:-1]
+            ), t
+            assert min(shapes.word_distance(t.split(), h) for h in heldout) >= 2, t
+    # the wordings that a verb used to give away now open other edits too
+    assert {"give", "put"} <= {t.split()[0] for t in shapes.LEAD_SWAPS["invert"]}
+    assert not shapes.LEAD_SWAPS["move"] and not shapes.LEAD_SWAPS["remove"]  # their verbs name the operation
+    # and no instruction drawn with swaps is a held-out one or within a word of one
+    # (the seen families themselves are a word away from the held-out ones by design: "put a" / "paint a")
+    drawn = generate(1500, seed=5, lead_swap=1.0)
+    held = [x.instruction.split() for x in generate(300, seed=5, split="heldout_paraphrase")]
+    for e in drawn:
+        assert e.family != len(FAMILIES[e.edit]) - 1 and (e.edit, e.target_shape) not in HELDOUT_COMBOS
+        assert (e.family >= len(FAMILIES[e.edit])) == bool(shapes.LEAD_SWAPS[e.edit])
+        if shapes.LEAD_SWAPS[e.edit]:
+            words = re.findall(r"\S+", e.instruction)
+            assert min(shapes.word_distance(words, h) for h in held) >= 2, e.instruction
+
+
+def test_lead_swap_share_determinism_and_limits():
+    import re
+
+    plain = generate(400, seed=8, weights={"add": 2.0})
+    assert [x.instruction for x in generate(400, seed=8, weights={"add": 2.0}, lead_swap=0.0)] == [
+        x.instruction for x in plain
+    ]
+    a = generate(3000, seed=8, lead_swap=0.4)
+    assert [(x.instruction, x.expressive) for x in a[:50]] == [
+        (x.instruction, x.expressive) for x in generate(50, 8, lead_swap=0.4)
+    ]
+    hosts = [x for x in a if shapes.LEAD_SWAPS[x.edit]]
+    swapped = sum(x.family >= len(FAMILIES[x.edit]) for x in hosts)
+    assert abs(swapped - 0.4 * len(hosts)) <= 4.5 * math.sqrt(len(hosts) * 0.24)  # binomial
+    for x in hosts:  # the template it was written from, filled, is the instruction's wording
+        tmpl = shapes.templates(x.edit)[x.family]
+        assert re.fullmatch(re.sub(r"\\\{\w+\\\}", "[a-z ]+", re.escape(tmpl)), x.instruction), (
+            tmpl,
+            x.instruction,
+        )
+    for bad in ({"lead_swap": 1.5}, {"lead_swap": -0.1}, {"lead_swap": 0.2, "split": "test"}):
+        with pytest.raises(ValueError, match="lead_swap"):
+            generate(5, seed=0, **bad)
+
+
+def test_cli_lead_swap(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert shapes.main(["--out", str(out), "--n", "40", "--lead-swap", "1", "--quiet"]) == 0
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert any(r["family"] >= len(FAMILIES[r["edit"]]) for r in rows)
+    for argv in (["--lead-swap", "2"], ["--lead-swap", "0.3", "--split", "test"]):
+        with pytest.raises(SystemExit) as e:
+            shapes.main(["--out", str(tmp_path / "b"), "--n", "3", *argv])
+        assert e.value.code != 0
+        assert "lead" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "manifest.jsonl").exists()

@@ -16,8 +16,9 @@ object sits at the centre of the named cell; a resize is one step, its instructi
 direction or the size the object ends with). Paraphrase families marked held out (new
 combinations of words the training text has), and the (edit, shape) combinations in
 ``HELDOUT_COMBOS``, never occur in the ``train``/``test`` splits; ``heldout_paraphrase`` and
-``heldout_combo`` contain only them. The tokenizer is the same for every data set written
-(:func:`world_tokenizer`).
+``heldout_combo`` contain only them. ``--lead-swap P`` words that share of the train split's
+examples by a lead-verb swap of a seen template (``LEAD_SWAPS``; never within a word of a held-out
+one). The tokenizer is the same for every data set written (:func:`world_tokenizer`).
 """
 
 from __future__ import annotations
@@ -167,6 +168,57 @@ FAMILIES = {
             "make it look like the sea"],
     "night": ["make it look like night", "turn the day into night", "make it night time", "make it feel like night"],
 }  # fmt: skip
+# Lead-verb swaps (``--lead-swap P``, train split only; beyond the paper). In the families above a
+# few verbs that name no operation ("make", "give", "put", ...) each open the seen templates of one
+# or a few edits, so a model learns the verb as the edit ("give it ..." = tint, "put ..." = add) and
+# misreads a new wording that opens with it ("give it more contrast"). A derived template is a seen
+# template with its neutral lead verb swapped for another neutral one ("give it more contrasty",
+# "put the odd one out {new}"); it is dropped when it is a template of the families, collides with
+# another edit's derived one, or is within one word (fields counted as words) of a held-out
+# template, so that no held-out wording, nor a near copy of one, is ever trained on.
+NEUTRAL_LEADS = ("make", "change", "paint", "put", "give", "turn")
+
+
+def word_distance(a: list[str], b: list[str]) -> int:
+    """Levenshtein distance between two word sequences (insertions, deletions, substitutions)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def _lead_swaps() -> dict[str, list[str]]:
+    """Each edit's derived templates (see ``NEUTRAL_LEADS``), in a fixed order."""
+    heldout = [fams[-1].split() for fams in FAMILIES.values()]
+    seen = {t for fams in FAMILIES.values() for t in fams}
+    derived: dict[str, list[str]] = {}
+    for edit, fams in FAMILIES.items():
+        out = derived[edit] = []
+        for tmpl in fams[:-1]:
+            lead, *rest = tmpl.split()
+            if lead not in NEUTRAL_LEADS:
+                continue
+            for verb in NEUTRAL_LEADS:
+                cand = " ".join([verb, *rest])
+                far = min(word_distance(cand.split(), h) for h in heldout) >= 2
+                if far and cand not in seen and cand not in out:
+                    out.append(cand)
+    counts: dict[str, int] = {}
+    for t in (t for ts in derived.values() for t in ts):
+        counts[t] = counts.get(t, 0) + 1
+    return {edit: [t for t in ts if counts[t] == 1] for edit, ts in derived.items()}
+
+
+LEAD_SWAPS = _lead_swaps()
+
+
+def templates(edit: str) -> list[str]:
+    """``edit``'s templates by family index: its families (the last held out), then its lead-verb swaps."""
+    return FAMILIES[edit] + LEAD_SWAPS[edit]
+
+
 KINDS = {
     "local": ("recolour", "remove", "add", "move", "resize"),
     "global": ("brightness", "contrast", "grayscale", "invert", "tint", "background"),
@@ -243,8 +295,8 @@ def _removed(src: Scene, o: Obj, instruction: str, edit: str, family: int) -> Ex
 
 
 def make_edit(rng: random.Random, edit: str, family: int) -> Example | None:
-    """One example of ``edit`` with instruction family ``family``; None if this scene cannot host it."""
-    tmpl = FAMILIES[edit][family]
+    """One example of ``edit`` with template ``family`` (:func:`templates`); None if this scene cannot host it."""
+    tmpl = templates(edit)[family]
     d = rng.choice(("up", "down"))
     w = WORDS[d]
     if edit in ("recolour", "remove", "move", "resize"):
@@ -420,14 +472,29 @@ def edit_shares(weights: dict[str, float] | None = None, split: str = "train") -
 
 
 def generate(
-    n: int, seed: int, split: str = "train", weights: dict[str, float] | None = None
+    n: int, seed: int, split: str = "train", weights: dict[str, float] | None = None, lead_swap: float = 0.0
 ) -> list[Example]:
     """``n`` examples of ``split``, a third of each kind (``heldout_combo``: local edits only;
-    ``caption``: captions only), deterministic for (seed, split, weights). With ``weights`` (see
-    :func:`edit_shares`) each example's edit is drawn from the reweighted shares instead."""
+    ``caption``: captions only), deterministic for (seed, split, weights, lead_swap). With ``weights``
+    (see :func:`edit_shares`) each example's edit is drawn from the reweighted shares instead. With
+    ``lead_swap`` (train split only) an example of an edit that has lead-verb swaps takes one of
+    them (``LEAD_SWAPS``) instead of its family with that probability."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    if not 0 <= lead_swap <= 1 or (lead_swap and split != "train"):
+        raise ValueError(
+            f"lead_swap must be in [0, 1] and is for the train split only, got {lead_swap} for {split}"
+        )
     rng = random.Random(f"{seed}-{split}")
+
+    def draw_family(edit: str) -> int:
+        if not (lead_swap and LEAD_SWAPS[edit]):  # the draw of every data set written before
+            return rng.randrange(len(FAMILIES[edit]))
+        if rng.random() < lead_swap:
+            return len(FAMILIES[edit]) + rng.randrange(len(LEAD_SWAPS[edit]))
+        # else a seen family (train split), so that the share of swaps is exactly lead_swap
+        return rng.randrange(len(FAMILIES[edit]) - 1)
+
     if split == "caption":
         return [_described(rng) for _ in range(n)]
     kinds = list(_split_edits(split).items())
@@ -437,7 +504,7 @@ def generate(
         if shares:  # the edit is kept until a scene hosts it, so that the shares hold exactly in expectation
             edit = rng.choices(list(shares), weights=list(shares.values()))[0]
             while True:
-                family = rng.randrange(len(FAMILIES[edit]))
+                family = draw_family(edit)
                 ex = make_edit(rng, edit, family)
                 if ex is not None and allowed(split, edit, family, ex.target_shape):
                     break
@@ -445,7 +512,7 @@ def generate(
             continue
         # the default mix, kept draw for draw so that every data set written before is reproduced
         edit = rng.choice(kinds[len(out) % len(kinds)][1])
-        family = rng.randrange(len(FAMILIES[edit]))
+        family = draw_family(edit)
         ex = make_edit(rng, edit, family)
         if ex is not None and allowed(split, edit, family, ex.target_shape):
             out.append(ex)
@@ -522,14 +589,20 @@ def main(argv: list[str] | None = None) -> int:
         "--edit-weights", type=edit_weights, metavar="EDIT=W,...",
         help="multiply the default share of these edits, e.g. add=3,move=3 (train a model on its weak edits)",
     )  # fmt: skip
+    p.add_argument(
+        "--lead-swap", type=ranged(float, 0, 1), default=0.0, metavar="P",
+        help="train split: the share of examples worded by a lead-verb swap of a seen template (default 0)",
+    )  # fmt: skip
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    if args.lead_swap and args.split != "train":
+        p.error(f"--lead-swap is for the train split only (got --split {args.split})")
 
     def run() -> int:
         out = Path(args.out)
         if (out / "manifest.jsonl").exists():
             raise ValueError(f"{out / 'manifest.jsonl'} exists; choose another --out")
-        examples = generate(args.n, args.seed, args.split, args.edit_weights)
+        examples = generate(args.n, args.seed, args.split, args.edit_weights, args.lead_swap)
         if args.edit_weights:
             shares = edit_shares(args.edit_weights, args.split)
             print("edit shares: " + ", ".join(f"{e} {v:.3f}" for e, v in shares.items()))

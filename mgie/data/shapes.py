@@ -24,6 +24,7 @@ one). The tokenizer is the same for every data set written (:func:`world_tokeniz
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -205,9 +206,7 @@ def _lead_swaps() -> dict[str, list[str]]:
                 far = min(word_distance(cand.split(), h) for h in heldout) >= 2
                 if far and cand not in seen and cand not in out:
                     out.append(cand)
-    counts: dict[str, int] = {}
-    for t in (t for ts in derived.values() for t in ts):
-        counts[t] = counts.get(t, 0) + 1
+    counts = Counter(t for ts in derived.values() for t in ts)  # a swap two edits share says neither
     return {edit: [t for t in ts if counts[t] == 1] for edit, ts in derived.items()}
 
 

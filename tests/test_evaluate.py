@@ -71,6 +71,10 @@ def test_evaluate_writes_report_and_grid_and_resumes(tmp_path, tiny_cfg, tokeniz
     assert kept["n"] == 6 and kept["edit_success"] == success["all"]["rate"] and kept["split"] == "test"
     assert kept["expressive_exact"] == report["expressive"]["exact_match"] and "ssim" in kept["metrics"]
     assert kept["metrics"]["lpips"] == lpips
+    assert record(["--model", str(tmp_path / "ckpt"), f"ci_heldout={tmp_path / 'report.json'}"]) == 0
+    both = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    assert (both["ci_heldout"]["seed"], both["ci_heldout"]["split"]) == (2, "heldout_paraphrase")
+    assert both["ci_subset"] == kept  # the earlier entry is kept
     assert record(["--model", str(tmp_path / "ckpt"), "oops"]) == 2
 
     # a cached output is reused only for the row it was made from, by the settings it was made with

@@ -8,6 +8,7 @@ from safetensors import safe_open
 from mgie import edit
 from mgie.data import shapes
 from mgie.evaluate import main as evaluate
+from train.record_metrics import CI_SETS
 
 ASSET = edit.EMBEDDED
 MAX_BYTES = 30 * 2**20
@@ -31,7 +32,7 @@ def test_model_card_names_data_config_metrics_and_reproduction():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ci_subset", "ci_heldout"])
+@pytest.mark.parametrize("name", list(CI_SETS))
 def test_shipped_model_reaches_its_recorded_success_on_20_examples(name, tmp_path, capsys):
     """Regenerates the 20 recorded examples (of the test split; of the held-out paraphrases), edits
     them with the shipped weights at their default settings, and compares with the figures

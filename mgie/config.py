@@ -173,6 +173,12 @@ class UNetConfig:
     # upsampled to the latent grid, after the coordinates; zeros for the text-free condition.
     # in_channels = 2 x latent channels + coord_channels + map_channels.
     map_channels: int = 0
+    # Beyond the paper: true adds the condition's mean over its tokens, (B, C), through a
+    # two-layer projection (diffusers' class_embed_type "projection", last layer at zero) to the
+    # timestep embedding, so that every ResNet block is modulated by the instruction (FiLM-like):
+    # a global edit (brightness, tint) needs one vector for the whole image, which cross-attention
+    # at two low-resolution levels learns slowly from scratch.
+    pooled_condition: bool = False
 
 
 @dataclass

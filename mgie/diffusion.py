@@ -32,6 +32,15 @@ VAE_KEYS = {k: k for k in ("block_out_channels", "layers_per_block", "latent_cha
 VAE_KEYS["mid_block_attention"] = "mid_block_add_attention"
 
 
+def pooled_mismatch(section: UNetConfig, folder: dict, where: str) -> str | None:
+    """``"its class_embed_type=GOT differs from WHERE.pooled_condition=WANT"`` when a diffusers
+    UNet config and ``section.pooled_condition`` disagree; else ``None``."""
+    got = folder.get("class_embed_type")
+    if (got == "projection") != section.pooled_condition:
+        return f"its class_embed_type={got} differs from {where}.pooled_condition={section.pooled_condition}"
+    return None
+
+
 def architecture_mismatch(
     section: UNetConfig | VAEConfig, folder: dict, keys: dict[str, str], where: str
 ) -> str | None:
@@ -69,7 +78,12 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups,
+        class_embed_type="projection" if cfg.pooled_condition else None,
+        projection_class_embeddings_input_dim=cfg.cross_attention_dim if cfg.pooled_condition else None,
     )
+    if cfg.pooled_condition:  # starts as the UNet without it: the instruction adds to the time embedding
+        nn.init.zeros_(unet.class_embedding.linear_2.weight)
+        nn.init.zeros_(unet.class_embedding.linear_2.bias)
     if cfg.zero_init_cross_attention:
         for name, module in unet.named_modules():
             if name.endswith("attn2.to_out.0"):  # (C, C) Linear after the cross-attention
@@ -137,6 +151,15 @@ def coordinates(batch: int, height: int, width: int, device=None, dtype=None) ->
     xs = (torch.arange(width, device=device, dtype=torch.float64) + 0.5) / width * 2 - 1  # (w,)
     grid = torch.stack([xs[None, :].expand(height, width), ys[:, None].expand(height, width)])  # (2, h, w)
     return grid.to(dtype or torch.float32).expand(batch, 2, height, width)
+
+
+def run_unet(unet: UNet2DConditionModel, x: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+    """The UNet's prediction (B, 4, h, w) for input ``x`` (B, 8 + extra, h, w) at ``t`` under
+    ``cond`` (B, Q, C); a UNet with a projection class embedding (``pooled_condition``) also gets
+    the condition's mean over its Q tokens, (B, C). Training and sampling both call it."""
+    cond = cond.to(unet.dtype)
+    pooled = cond.mean(dim=1) if unet.config.class_embed_type == "projection" else None  # (B, C)
+    return unet(x, t, encoder_hidden_states=cond, class_labels=pooled).sample
 
 
 def unet_input(
@@ -309,7 +332,7 @@ def edit_loss(
     if edit_map is not None:
         edit_map = edit_map * (~drop_text).to(edit_map.dtype)[:, None, None, None]
     unet_in = unet_input(unet, noisy, source, edit_map)  # (B, 8 + extra, h, w)
-    pred = unet(unet_in, t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    pred = run_unet(unet, unet_in, t, cond)  # (B, 4, h, w)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise
@@ -344,7 +367,7 @@ def guided_noise(
     img = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])  # (3B, 4, h, w)
     txt = torch.cat([cond, null_cond, null_cond])  # (3B, Q, C)
     maps = None if edit_map is None else torch.cat([edit_map, torch.zeros_like(edit_map).repeat(2, 1, 1, 1)])
-    eps = unet(unet_input(unet, x, img, maps), t, encoder_hidden_states=txt).sample
+    eps = run_unet(unet, unet_input(unet, x, img, maps), t, txt)  # (3B, 4, h, w)
     e_full, e_img, e_none = eps.chunk(3)
     return e_none + guidance * (e_full - e_img) + image_guidance * (e_img - e_none)
 

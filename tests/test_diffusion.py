@@ -12,7 +12,9 @@ from mgie.diffusion import (
     dropout_masks,
     edit_loss,
     encode_source,
+    guided_noise,
     noise_scheduler,
+    run_unet,
     sample,
     sampling_scheduler,
     widen_conv_in,
@@ -130,6 +132,42 @@ def test_zero_init_cross_attention_starts_blind_to_the_condition_and_learns(tiny
     assert torch.equal(p1, p2) == zero  # zeroed: the condition cannot reach the output yet
     p1.square().mean().backward()
     assert all(m.weight.grad.abs().sum() > 0 for m in outs)  # ... but the projections learn
+
+
+def test_pooled_condition_starts_as_the_plain_unet_and_then_adds_the_mean_condition(tiny_cfg):
+    """``pooled_condition``: a projection class embedding whose last layer starts at zero, so the
+    UNet first computes exactly what the same weights compute without it; once that layer moves,
+    ``run_unet`` feeds it the condition's mean over tokens: conditions with the same mean give the
+    same output through it (the cross-attention zeroed), different means do not, and the result
+    equals diffusers' own call with ``class_labels`` given by hand."""
+    torch.manual_seed(0)
+    base = replace(tiny_cfg.model.diffusion.unet, zero_init_cross_attention=True)
+    plain = build_unet(base)
+    torch.manual_seed(0)
+    pooled = build_unet(replace(base, pooled_condition=True))
+    assert pooled.config.class_embed_type == "projection" and plain.config.class_embed_type is None
+    emb = pooled.class_embedding  # linear_1 (C -> T), SiLU, linear_2 (T -> T)
+    assert not emb.linear_2.weight.any() and not emb.linear_2.bias.any()
+    pooled.load_state_dict(plain.state_dict(), strict=False)  # the shared weights
+    x = torch.randn(2, base.in_channels, base.sample_size, base.sample_size)
+    c = torch.randn(2, 5, base.cross_attention_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(pooled, x, 10, c), plain(x, 10, c).sample, rtol=0, atol=0)
+        torch.nn.init.normal_(emb.linear_2.weight)
+        shuffled = c[:, torch.randperm(5)]  # the same mean over tokens
+        moved = c + torch.randn(2, 1, base.cross_attention_dim)  # another mean
+        out = run_unet(pooled, x, 10, c)
+        torch.testing.assert_close(run_unet(pooled, x, 10, shuffled), out, rtol=1e-5, atol=1e-5)
+        assert (run_unet(pooled, x, 10, moved) - out).abs().max() > 1e-3
+        torch.testing.assert_close(out, pooled(x, 10, c, class_labels=c.mean(1)).sample)
+        # Sampling's three-way guidance passes each third its own pooled condition.
+        lat, img = x[:, :4], x[:, 4:8]
+        null = torch.zeros(1, 5, base.cross_attention_dim)
+        got = guided_noise(pooled, lat, 10, img, c, null.expand_as(c), 2.0, 1.5)
+        thirds = [pooled(torch.cat([lat, i], 1), 10, t, class_labels=t.mean(1)).sample for i, t in
+                  ((img, c), (img, null.expand_as(c)), (torch.zeros_like(img), null.expand_as(c)))]  # fmt: skip
+        want = thirds[2] + 2.0 * (thirds[0] - thirds[1]) + 1.5 * (thirds[1] - thirds[2])
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_masks_partition_and_rates():

@@ -30,30 +30,26 @@ UNET_KEYS = {
 }  # fmt: skip
 VAE_KEYS = {k: k for k in ("block_out_channels", "layers_per_block", "latent_channels", "norm_num_groups")}
 VAE_KEYS["mid_block_attention"] = "mid_block_add_attention"
-
-
-def pooled_mismatch(section: UNetConfig, folder: dict, where: str) -> str | None:
-    """``"its class_embed_type=GOT differs from WHERE.pooled_condition=WANT"`` when a diffusers
-    UNet config and ``section.pooled_condition`` disagree; else ``None``."""
-    got = folder.get("class_embed_type")
-    if (got == "projection") != section.pooled_condition:
-        return f"its class_embed_type={got} differs from {where}.pooled_condition={section.pooled_condition}"
-    return None
+UNET_KEYS["pooled_condition"] = "class_embed_type"
+# Settings whose diffusers value is not the config's own: config value -> diffusers value.
+DIFFUSERS_VALUES = {"pooled_condition": lambda on: "projection" if on else None}
 
 
 def architecture_mismatch(
     section: UNetConfig | VAEConfig, folder: dict, keys: dict[str, str], where: str
 ) -> str | None:
     """The first setting of ``keys`` where a diffusers ``folder`` config differs from the config
-    ``section`` (named ``where``), as ``"its KEY=GOT differs from WHERE.ATTR=WANT"``; else ``None``."""
+    ``section`` (named ``where``), as ``"its KEY=GOT differs from WHERE.ATTR=WANT"``; else ``None``.
+    A key the folder's config lacks (an older diffusers) is not checked."""
     for attr, key in keys.items():
-        want, got = getattr(section, attr), folder.get(key)
-        if got is None:
+        if key not in folder:
             continue
+        value = getattr(section, attr)
+        want, got = DIFFUSERS_VALUES.get(attr, lambda v: v)(value), folder[key]
         if isinstance(got, tuple):  # diffusers may keep list settings as tuples
             got = list(got)
         if got != want:
-            return f"its {key}={folder.get(key)} differs from {where}.{attr}={want}"
+            return f"its {key}={folder[key]} differs from {where}.{attr}={value}"
     return None
 
 
@@ -78,7 +74,7 @@ def build_unet(cfg: UNetConfig) -> UNet2DConditionModel:
         attention_head_dim=cfg.attention_head_dim,
         cross_attention_dim=cfg.cross_attention_dim,
         norm_num_groups=cfg.norm_num_groups,
-        class_embed_type="projection" if cfg.pooled_condition else None,
+        class_embed_type=DIFFUSERS_VALUES["pooled_condition"](cfg.pooled_condition),
         projection_class_embeddings_input_dim=cfg.cross_attention_dim if cfg.pooled_condition else None,
     )
     if cfg.pooled_condition:  # starts as the UNet without it: the instruction adds to the time embedding

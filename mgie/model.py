@@ -27,7 +27,6 @@ from mgie.diffusion import (
     UNET_KEYS,
     VAE_KEYS,
     architecture_mismatch,
-    pooled_mismatch,
     build_unet,
     build_vae,
     change_weights,
@@ -348,8 +347,6 @@ class MGIEModel(nn.Module):
         d = cfg.model.diffusion
         for name, part, section, keys in (("unet", unet, d.unet, UNET_KEYS), ("vae", vae, d.vae, VAE_KEYS)):
             wrong = architecture_mismatch(section, dict(part.config), keys, f"model.diffusion.{name}")
-            if name == "unet":
-                wrong = wrong or pooled_mismatch(section, dict(part.config), "model.diffusion.unet")
             if wrong:  # the weights would load and compute something else
                 raise CheckpointError(f"{path / name}: {wrong}")
         model = cls._assemble(cfg, mllm, ids, tokenizer, unet, vae)

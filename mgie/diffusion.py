@@ -154,7 +154,8 @@ def run_unet(unet: UNet2DConditionModel, x: torch.Tensor, t, cond: torch.Tensor)
     ``cond`` (B, Q, C); a UNet with a projection class embedding (``pooled_condition``) also gets
     the condition's mean over its Q tokens, (B, C). Training and sampling both call it."""
     cond = cond.to(unet.dtype)
-    pooled = cond.mean(dim=1) if unet.config.class_embed_type == "projection" else None  # (B, C)
+    pooled_on = unet.config.class_embed_type == DIFFUSERS_VALUES["pooled_condition"](True)
+    pooled = cond.mean(dim=1) if pooled_on else None  # (B, C)
     return unet(x, t, encoder_hidden_states=cond, class_labels=pooled).sample
 
 

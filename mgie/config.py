@@ -308,6 +308,11 @@ class TrainConfig:
     # start as this multiple of a fresh conv_in's default draw (0: zero, init_from's function
     # exactly; mgie-shapes then moved them by 0.003 in 1,000 steps, 4% of a latent channel's).
     coord_init: float = 0.0
+    # Start the edit-map head afresh even when init_from's fits (edit_head.map_grid). The short
+    # recipe's map head, trained from the start beside a from-scratch MLLM, settled on a map that
+    # ignores the text ("the top left corner": a quarter in each corner); a fresh one trained on the
+    # grown MLLM reads it (configs/shapes_fast_map.yaml).
+    fresh_map_head: bool = False
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 4  # per process
@@ -505,6 +510,8 @@ def validate(cfg: MGIEConfig) -> None:
         raise ConfigError(f"model.diffusion.unet.map_channels must be 0 or 1, got {unet.map_channels}")
     if m.edit_head.map_grid < 0:
         raise ConfigError(f"model.edit_head.map_grid must be >= 0, got {m.edit_head.map_grid}")
+    if cfg.train.fresh_map_head and not (cfg.train.init_from and m.edit_head.map_grid):
+        raise ConfigError("train.fresh_map_head needs train.init_from and model.edit_head.map_grid > 0")
     if m.edit_head.map_image and not (m.edit_head.map_grid and m.mllm.use_image):
         raise ConfigError(
             "model.edit_head.map_image needs model.edit_head.map_grid > 0 and model.mllm.use_image"

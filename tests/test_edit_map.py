@@ -253,6 +253,17 @@ def test_training_keeps_a_fitting_map_head_and_replaces_another(tmp_path, tiny_c
     same = load_init_from(cfg)
     for k, v in src.edit_head.state_dict().items():
         torch.testing.assert_close(same.edit_head.state_dict()[k], v)
+    cfg.train.fresh_map_head = True  # the same grid, asked afresh: a new head, the rest as saved
+    validate(cfg)
+    renewed = load_init_from(cfg)
+    for k, v in src.edit_head.state_dict().items():
+        if k.startswith("map_head."):  # same shapes; the random draws differ (zero biases may not)
+            assert renewed.edit_head.state_dict()[k].shape == v.shape
+            if k in ("map_head.cells", "map_head.inp.weight", "map_head.out.weight"):
+                assert not torch.equal(renewed.edit_head.state_dict()[k], v), k
+        else:
+            torch.testing.assert_close(renewed.edit_head.state_dict()[k], v)
+    cfg.train.fresh_map_head = False
     cfg.model.edit_head.map_grid = 2
     other = load_init_from(cfg)
     assert other.edit_head.map_head.grid == 2 and other.unet.config.in_channels == 9
@@ -294,6 +305,19 @@ def test_map_image_reads_the_patch_states_with_their_positions(tiny_cfg, tokeniz
     with torch.no_grad():
         a, b = head(tokens, patches=patches), head(tokens, patches=patches.flip(1))
     assert not torch.allclose(a, b)
+
+
+def test_config_refuses_a_fresh_map_head_without_a_folder_or_a_map(tiny_cfg):
+    cfg = map_cfg(tiny_cfg)
+    cfg.train.fresh_map_head = True
+    with pytest.raises(ConfigError, match="fresh_map_head"):
+        validate(cfg)  # nothing to start from
+    cfg.train.init_from = "somewhere"
+    validate(cfg)
+    plain = copy.deepcopy(tiny_cfg)
+    plain.train.init_from, plain.train.fresh_map_head = "somewhere", True
+    with pytest.raises(ConfigError, match="fresh_map_head"):
+        validate(plain)  # no map to renew
 
 
 def test_config_refuses_map_image_without_a_map(tiny_cfg):

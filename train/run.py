@@ -218,7 +218,8 @@ def load_init_from(cfg: MGIEConfig):
     weights, else that multiple of a default draw) and then, at zero, for the edit map
     (``map_channels``). The edit head gets a fresh :class:`~mgie.edit_head.MapHead` when the
     config asks for one (``edit_head.map_grid``) and the folder's does not fit it (none, or another
-    grid or design). With zero weights the model starts out computing what the folder did."""
+    grid or design), or always with ``train.fresh_map_head``. With zero weights the model starts out
+    computing what the folder did (the map aside)."""
     import copy
     import json
 
@@ -239,7 +240,7 @@ def load_init_from(cfg: MGIEConfig):
         if head.map_grid
         else None
     )
-    if fresh is not None and (root / "edit_head.safetensors").is_file():
+    if fresh is not None and not cfg.train.fresh_map_head and (root / "edit_head.safetensors").is_file():
         with safe_open(root / "edit_head.safetensors", "pt") as f:
             saved = {k[len("map_head.") :]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
                      if k.startswith("map_head.")}  # fmt: skip

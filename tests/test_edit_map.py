@@ -264,6 +264,12 @@ def test_training_keeps_a_fitting_map_head_and_replaces_another(tmp_path, tiny_c
         else:
             torch.testing.assert_close(renewed.edit_head.state_dict()[k], v)
     cfg.train.fresh_map_head = False
+    cfg.model.edit_head.map_image = True  # the text-reading head reads the patches too: kept + positions
+    reading = load_init_from(cfg)
+    assert reading.edit_head.map_head.patch_pos.shape[1] > 0
+    for k, v in src.edit_head.state_dict().items():
+        torch.testing.assert_close(reading.edit_head.state_dict()[k], v)
+    cfg.model.edit_head.map_image = False
     cfg.model.edit_head.map_grid = 2
     other = load_init_from(cfg)
     assert other.edit_head.map_head.grid == 2 and other.unet.config.in_channels == 9

@@ -220,8 +220,7 @@ def load_init_from(cfg: MGIEConfig):
     config asks for one (``edit_head.map_grid``) and the folder's does not fit it (none, or another
     grid or design), or always with ``train.fresh_map_head``; a folder's text-reading head, asked to
     read the image patches too (``edit_head.map_image``), keeps its weights and gains fresh patch
-    positions. With zero weights the model starts out
-    computing what the folder did (the map aside)."""
+    positions. With zero weights the model starts out computing what the folder did (the map aside)."""
     import copy
     import json
 
@@ -246,11 +245,10 @@ def load_init_from(cfg: MGIEConfig):
         with safe_open(root / "edit_head.safetensors", "pt") as f:
             saved = {k[len("map_head.") :]: tuple(f.get_slice(k).get_shape()) for k in f.keys()
                      if k.startswith("map_head.")}  # fmt: skip
-        want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-        if saved == want:
-            fresh = None  # the folder's map head fits: load it
-        elif saved == {k: v for k, v in want.items() if k != "patch_pos"}:  # a text-reading head,
-            with safe_open(root / "edit_head.safetensors", "pt") as f:  # asked to read the image too
+            want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+            if saved == want:
+                fresh = None  # the folder's map head fits: load it
+            elif saved == {k: v for k, v in want.items() if k != "patch_pos"}:  # a text-reading head
                 fresh.load_state_dict({k: f.get_tensor("map_head." + k) for k in saved}, strict=False)
     if has not in (plain, plain + unet.coord_channels, unet.in_channels) or (
         fresh is None and has == unet.in_channels

@@ -143,6 +143,9 @@ class EditHeadConfig:
     # The map head also reads the LLM's last-layer states at the image patches, with learned
     # positions: where "the red square" is must be seen. Needs model.mllm.use_image.
     map_image: bool = False
+    # Each map cell's query also holds the LLM's last-layer states at the image patches under it:
+    # a cell sees what it holds and asks the text whether that is what the edit names.
+    map_cells: bool = False
 
 
 @dataclass
@@ -236,6 +239,11 @@ class LossConfig:
     # before the head draws good ones.
     map_weight: float = 0.0
     map_teacher: float = 0.5
+    # Beyond the paper: weight of an auxiliary loss that keeps the image features local. A linear
+    # decoder (training only, not saved) reads each patch's feature as the LLM receives it (the
+    # projector's output) and is scored by the MSE against that patch's (CLIP-normalised) pixels.
+    # Needs model.mllm.use_image.
+    patch_weight: float = 0.0
 
 
 @dataclass
@@ -512,14 +520,19 @@ def validate(cfg: MGIEConfig) -> None:
         raise ConfigError(f"model.edit_head.map_grid must be >= 0, got {m.edit_head.map_grid}")
     if cfg.train.fresh_map_head and not (cfg.train.init_from and m.edit_head.map_grid):
         raise ConfigError("train.fresh_map_head needs train.init_from and model.edit_head.map_grid > 0")
-    if m.edit_head.map_image and not (m.edit_head.map_grid and m.mllm.use_image):
-        raise ConfigError(
-            "model.edit_head.map_image needs model.edit_head.map_grid > 0 and model.mllm.use_image"
-        )
+    for key in ("map_image", "map_cells"):
+        if getattr(m.edit_head, key) and not (m.edit_head.map_grid and m.mllm.use_image):
+            raise ConfigError(
+                f"model.edit_head.{key} needs model.edit_head.map_grid > 0 and model.mllm.use_image"
+            )
     if bool(unet.map_channels) != bool(m.edit_head.map_grid):
         raise ConfigError(
             "model.diffusion.unet.map_channels: 1 and model.edit_head.map_grid > 0 go together "
             f"(got {unet.map_channels} and {m.edit_head.map_grid})"
+        )
+    if m.loss.patch_weight < 0 or (m.loss.patch_weight and not m.mllm.use_image):
+        raise ConfigError(
+            f"model.loss.patch_weight must be >= 0, and > 0 only with model.mllm.use_image (got {m.loss.patch_weight})"
         )
     if m.loss.map_weight < 0 or not 0 <= m.loss.map_teacher <= 1:
         raise ConfigError(

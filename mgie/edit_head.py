@@ -42,16 +42,23 @@ class MapHead(nn.Module):
     It reads the tokens themselves, not the edit head's output: a head whose output does not yet
     follow "the top left corner" (mgie-shapes) cannot pass the place on. With ``patches`` > 0 it
     also reads that many image-patch states, each with a learned position (where "the red
-    square" is must be seen in the image).
+    square" is must be seen in the image). With ``cells`` each cell's query also holds the
+    patch states under it (normalised, projected; the patch grid average-pooled to the map's), so
+    a cell sees what it holds and asks the text whether that is what the edit names.
     """
 
-    def __init__(self, llm_hidden: int, width: int, heads: int, grid: int, patches: int = 0, layers: int = 2):
+    def __init__(
+        self, llm_hidden: int, width: int, heads: int, grid: int, patches: int = 0, layers: int = 2,
+        cells: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.grid = grid
         self.inp = nn.Linear(llm_hidden, width)
         self.cells = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
         if patches:
             self.patch_pos = nn.Parameter(torch.randn(1, patches, width) * 0.02)
+        if cells:
+            self.cell_in = nn.Sequential(nn.LayerNorm(llm_hidden), nn.Linear(llm_hidden, width))
         layer = nn.TransformerDecoderLayer(
             width, heads, 4 * width, dropout=0.0, norm_first=True, batch_first=True
         )
@@ -62,21 +69,35 @@ class MapHead(nn.Module):
         self, tokens: torch.Tensor, pad: torch.Tensor | None = None, patches: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``tokens`` (B, S, D), ``pad`` (B, S) True = ignore, ``patches`` (B, P, D) image-patch
-        states (``patches`` > 0 only) -> logits (B, 1, grid, grid)."""
+        states (``patches`` > 0 or ``cells`` only) -> logits (B, 1, grid, grid)."""
         q = self.cells.expand(tokens.shape[0], -1, -1)  # (B, g*g, w)
+        if hasattr(self, "cell_in"):
+            q = q + self.cell_in(self.pool_patches(patches))  # (B, g*g, w)
         memory = self.inp(tokens)  # (B, S, w)
-        if patches is not None:
+        if hasattr(self, "patch_pos"):
             memory = torch.cat([self.inp(patches) + self.patch_pos, memory], 1)  # (B, P + S, w)
             if pad is not None:
                 pad = torch.cat([torch.zeros(patches.shape[:2], dtype=torch.bool, device=pad.device), pad], 1)
         y = self.decoder(q, memory, memory_key_padding_mask=pad)  # (B, g*g, w)
         return self.out(y).view(-1, 1, self.grid, self.grid)
 
+    def pool_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) row-major patch states of a square patch grid -> (B, g*g, D), each cell the
+        mean of the patches it covers."""
+        side = math.isqrt(patches.shape[1])
+        if side == self.grid:
+            return patches
+        x = patches.transpose(1, 2).reshape(len(patches), -1, side, side)  # (B, D, s, s)
+        return nn.functional.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)  # (B, g*g, D)
+
 
 def new_map_head(cfg: EditHeadConfig, llm_hidden: int, patches: int) -> MapHead:
     """A freshly initialised :class:`MapHead` as ``cfg`` asks for (``patches``: the image's patch
     count, read only with ``cfg.map_image``)."""
-    return MapHead(llm_hidden, cfg.hidden_size, cfg.num_heads, cfg.map_grid, patches if cfg.map_image else 0)
+    return MapHead(
+        llm_hidden, cfg.hidden_size, cfg.num_heads, cfg.map_grid, patches if cfg.map_image else 0,
+        cells=cfg.map_cells,
+    )  # fmt: skip
 
 
 class EditHead(nn.Module):

@@ -60,12 +60,14 @@ class CheckpointError(ValueError):
 @dataclass
 class MGIEOutput:
     """Losses of one training forward pass
-    (``loss = lm_weight * lm_loss + edit_weight * edit_loss [+ map_weight * map_loss]``)."""
+    (``loss = lm_weight * lm_loss + edit_weight * edit_loss [+ map_weight * map_loss]
+    [+ patch_weight * patch_loss]``)."""
 
     loss: torch.Tensor
     lm_loss: torch.Tensor
     edit_loss: torch.Tensor
     map_loss: torch.Tensor | None = None  # the edit map's BCE (model.edit_head.map_grid only)
+    patch_loss: torch.Tensor | None = None  # the patch decoder's MSE (model.loss.patch_weight only)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -95,6 +97,12 @@ class MGIEModel(nn.Module):
         self.ids = ids
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler(cfg.model.diffusion.noise)
+        v = cfg.model.mllm.vision
+        self.patch_decoder = (  # training only, not saved: model.loss.patch_weight
+            nn.Linear(cfg.model.mllm.text.hidden_size, 3 * v.patch_size**2)
+            if cfg.model.loss.patch_weight
+            else None
+        )
 
     # ------------------------------------------------------------------ construction
 
@@ -127,8 +135,9 @@ class MGIEModel(nn.Module):
 
     # ------------------------------------------------------------------ shared pieces
 
-    def mllm_forward(self, input_ids, attention_mask, pixel_values):
-        """Teacher-forced LLaVA pass: ``(logits (B, L, V), last-layer post-norm hidden (B, L, D))``.
+    def mllm_forward(self, input_ids, attention_mask, pixel_values, inputs: bool = False):
+        """Teacher-forced LLaVA pass: ``(logits (B, L, V), last-layer post-norm hidden (B, L, D))``,
+        and with ``inputs`` the LLM's input embeddings (B, L, D) (the image features in place).
 
         Positions come from the attention mask, so left and right padding give the same states.
         """
@@ -140,7 +149,21 @@ class MGIEModel(nn.Module):
             output_hidden_states=True,
             use_cache=False,
         )
+        if inputs:
+            return out.logits, out.hidden_states[-1], out.hidden_states[0]
         return out.logits, out.hidden_states[-1]
+
+    def patch_loss(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor
+    ) -> torch.Tensor:
+        """The auxiliary locality loss (``model.loss.patch_weight``): :attr:`patch_decoder` maps
+        each image feature at the <im_patch> tokens (found by id; (B, L, D) input embeddings) to
+        its patch's pixels, MSE against the CLIP-normalised ``pixel_values`` (B, 3, S, S)."""
+        p = self.cfg.model.mllm.vision.patch_size
+        at = input_ids == self.ids.im_patch  # (B, L), P per row
+        feats = embeds[at].view(len(embeds), -1, embeds.shape[-1])  # (B, P, D) row-major patches
+        truth = nn.functional.unfold(pixel_values.float(), p, stride=p).transpose(1, 2)  # (B, P, 3 p p)
+        return nn.functional.mse_loss(self.patch_decoder(feats.float()), truth)
 
     def img_embeddings(self) -> torch.Tensor:
         """The [IMG] rows of the (trainable) input embeddings, looked up by id: (N, D)."""
@@ -192,9 +215,9 @@ class MGIEModel(nn.Module):
 
     def edit_map_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor, inputs: tuple) -> torch.Tensor:
         """Edit-map logits (B, 1, g, g), float32, from :meth:`head_inputs` ``inputs`` and, with
-        ``edit_head.map_image``, the last-layer states at the image patches (found by id)."""
+        ``edit_head.map_image`` or ``map_cells``, the last-layer states at the image patches (found by id)."""
         patches = None
-        if self.cfg.model.edit_head.map_image:
+        if self.cfg.model.edit_head.map_image or self.cfg.model.edit_head.map_cells:
             at = input_ids == self.ids.im_patch  # (B, L), P per row
             patches = hidden[at].view(len(hidden), -1, hidden.shape[-1]).to(inputs[0].dtype)  # (B, P, D)
         return self.edit_head.edit_map(*inputs, patches=patches).float()
@@ -229,7 +252,11 @@ class MGIEModel(nn.Module):
         None: every row). The editing loss is the mean over the rows with an edit.
         """
         w = self.cfg.model.loss
-        logits, hidden = self.mllm_forward(input_ids, attention_mask, pixel_values)
+        logits, hidden, *embeds = self.mllm_forward(
+            input_ids, attention_mask, pixel_values, inputs=bool(w.patch_weight)
+        )
+        patch = self.patch_loss(embeds[0], input_ids, pixel_values) if w.patch_weight else None
+        extra = w.patch_weight * patch if patch is not None else 0  # before rows are dropped below
         lm = nn.functional.cross_entropy(  # next-token CE over the assistant turn
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
         )
@@ -247,8 +274,8 @@ class MGIEModel(nn.Module):
             edit_map = torch.where(teach[:, None, None, None], truth, torch.sigmoid(logits).detach())
         if not w.edit_weight or not len(source):  # an LM-only (or LM + map) stage or batch: no diffusion
             edit = torch.zeros((), device=lm.device)
-            loss = w.lm_weight * lm + (w.map_weight * bce if bce is not None else 0)
-            return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce)
+            loss = w.lm_weight * lm + (w.map_weight * bce if bce is not None else 0) + extra
+            return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce, patch_loss=patch)
         cond = self.edit_head(*inputs)  # (B', Q, C)
         null = self.null_condition()  # (1, Q, C)
         tgt = encode_target(self.vae, target, generator)  # (B, 4, h, w)
@@ -261,14 +288,15 @@ class MGIEModel(nn.Module):
         edit = edit_loss(
             self.unet, self.noise_scheduler, tgt, src, cond, null, w, generator, weights, edit_map
         )
-        loss = w.lm_weight * lm + w.edit_weight * edit
+        loss = w.lm_weight * lm + w.edit_weight * edit + extra
         if bce is not None:
             loss = loss + w.map_weight * bce
-        return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce)
+        return MGIEOutput(loss=loss, lm_loss=lm, edit_loss=edit, map_loss=bce, patch_loss=patch)
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by group: ``lora``, ``img_tokens``, ``mllm`` (full training),
-        ``edit_head``, ``edit_map`` (the edit head's :class:`~mgie.edit_head.MapHead`, when it has one), ``unet``."""
+        ``edit_head``, ``edit_map`` (the edit head's :class:`~mgie.edit_head.MapHead`, when it has one), ``unet``;
+        the training-only patch decoder (``model.loss.patch_weight``) trains with ``mllm``."""
         groups: dict[str, list[nn.Parameter]] = {
             k: [] for k in ("lora", "img_tokens", "mllm", "edit_head", "edit_map", "unet")
         }
@@ -276,6 +304,8 @@ class MGIEModel(nn.Module):
             if p.requires_grad:
                 key = "img_tokens" if "trainable_tokens" in name else "lora" if "lora_" in name else "mllm"
                 groups[key].append(p)
+        if self.patch_decoder is not None:
+            groups["mllm"] += [p for p in self.patch_decoder.parameters() if p.requires_grad]
         for name, p in self.edit_head.named_parameters():
             if p.requires_grad:
                 groups["edit_map" if name.startswith("map_head.") else "edit_head"].append(p)

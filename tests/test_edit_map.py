@@ -331,3 +331,57 @@ def test_config_refuses_map_image_without_a_map(tiny_cfg):
     cfg.model.edit_head.map_image = True
     with pytest.raises(ConfigError, match="map_image"):
         validate(cfg)
+
+
+def test_map_cells_find_the_named_object_in_the_patches():
+    """``map_cells``: each cell reads the patch under it, so 300 Adam steps learn "the text names
+    object A or B -> the cell that holds it", wherever the objects are; a head that reads the
+    text alone cannot know where they are (checked on new scenes)."""
+
+    def scenes(n, gen):
+        patches = torch.randn(n, 4, 8, generator=gen) * 0.3  # a 2 x 2 grid of background patches
+        where = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(n)])  # (n, 2) cells of A, B
+        patches[torch.arange(n), where[:, 0]] += objects[0]
+        patches[torch.arange(n), where[:, 1]] += objects[1]
+        named = torch.randint(0, 2, (n,), generator=gen)
+        tokens = words[named].unsqueeze(1)  # (n, 1, 8) the instruction: a single word
+        want = F.one_hot(where[torch.arange(n), named], 4).float().view(n, 1, 2, 2)
+        return tokens, patches, want
+
+    torch.manual_seed(0)
+    objects, words = torch.randn(2, 8) * 2, torch.randn(2, 8)
+    gen = torch.Generator().manual_seed(1)
+    accuracy = {}
+    for cells in (True, False):
+        head = MapHead(llm_hidden=8, width=32, heads=4, grid=2, cells=cells)
+        opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+        for _ in range(300):
+            tokens, patches, want = scenes(32, gen)
+            loss = F.binary_cross_entropy_with_logits(head(tokens, patches=patches), want)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tokens, patches, want = scenes(200, gen)
+        with torch.no_grad():
+            picked = head(tokens, patches=patches).flatten(1).argmax(1)
+        accuracy[cells] = (picked == want.flatten(1).argmax(1)).float().mean().item()
+    assert accuracy[True] > 0.95 and accuracy[False] < 0.5, accuracy
+
+
+def test_map_cells_pool_a_finer_patch_grid_to_the_map():
+    """A 4 x 4 patch grid read by a 2 x 2 map: each cell gets the mean of its 2 x 2 patches."""
+    head = MapHead(llm_hidden=3, width=8, heads=2, grid=2, cells=True)
+    patches = torch.randn(2, 16, 3)  # row-major 4 x 4
+    grid = patches.view(2, 4, 4, 3)
+    want = torch.stack(
+        [grid[:, r : r + 2, c : c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], 1
+    )  # (2, 4, 3)
+    torch.testing.assert_close(head.pool_patches(patches), want)
+    torch.testing.assert_close(head.pool_patches(patches[:, :4]), patches[:, :4])  # same grid: as is
+
+
+def test_config_refuses_map_cells_without_a_map(tiny_cfg):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.edit_head.map_cells = True
+    with pytest.raises(ConfigError, match="map_cells"):
+        validate(cfg)

@@ -404,6 +404,7 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
                     out.lm_loss.item(),
                     out.edit_loss.item(),
                     0.0 if out.map_loss is None else out.map_loss.item(),
+                    0.0 if out.patch_loss is None else out.patch_loss.item(),
                 )
             )
             if not boundary:
@@ -413,16 +414,17 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
                 now = time.perf_counter()
                 rate = (step - steps_at_log) * ds_config["train_batch_size"] / (now - t_log)
                 eta = (cfg.train.max_steps - step) * (now - t_log) / (step - steps_at_log)
-                loss, lm, edit, emap = (sum(x) / len(window) for x in zip(*window))
+                loss, lm, edit, emap, patch = (sum(x) / len(window) for x in zip(*window))
                 lr = scheduler.get_last_lr()[0]
                 log.info(
-                    "step %d/%d loss %.4f lm %.4f edit %.4f%s lr %.2e | %.2f samples/s | mem %.0f MiB | eta %s",
+                    "step %d/%d loss %.4f lm %.4f edit %.4f%s%s lr %.2e | %.2f samples/s | mem %.0f MiB | eta %s",
                     step,
                     cfg.train.max_steps,
                     loss,
                     lm,
                     edit,
                     f" map {emap:.4f}" if cfg.model.edit_head.map_grid else "",
+                    f" patch {patch:.4f}" if cfg.model.loss.patch_weight else "",
                     lr,
                     rate,
                     memory_mb(device),
@@ -434,6 +436,7 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
                         ("lm_loss", lm),
                         ("edit_loss", edit),
                         ("map_loss", emap),
+                        ("patch_loss", patch),
                         ("lr", lr),
                         ("samples_per_s", rate),
                     ):

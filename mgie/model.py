@@ -153,6 +153,11 @@ class MGIEModel(nn.Module):
             return out.logits, out.hidden_states[-1], out.hidden_states[0]
         return out.logits, out.hidden_states[-1]
 
+    def patch_states(self, states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) states -> (B, P, D) those at the <im_patch> tokens (found by id), row-major."""
+        at = input_ids == self.ids.im_patch  # (B, L), P per row
+        return states[at].view(len(states), -1, states.shape[-1])
+
     def patch_loss(
         self, embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor
     ) -> torch.Tensor:
@@ -160,8 +165,7 @@ class MGIEModel(nn.Module):
         each image feature at the <im_patch> tokens (found by id; (B, L, D) input embeddings) to
         its patch's pixels, MSE against the CLIP-normalised ``pixel_values`` (B, 3, S, S)."""
         p = self.cfg.model.mllm.vision.patch_size
-        at = input_ids == self.ids.im_patch  # (B, L), P per row
-        feats = embeds[at].view(len(embeds), -1, embeds.shape[-1])  # (B, P, D) row-major patches
+        feats = self.patch_states(embeds, input_ids)  # (B, P, D)
         truth = nn.functional.unfold(pixel_values.float(), p, stride=p).transpose(1, 2)  # (B, P, 3 p p)
         return nn.functional.mse_loss(self.patch_decoder(feats.float()), truth)
 
@@ -218,8 +222,7 @@ class MGIEModel(nn.Module):
         ``edit_head.map_image`` or ``map_cells``, the last-layer states at the image patches (found by id)."""
         patches = None
         if self.cfg.model.edit_head.map_image or self.cfg.model.edit_head.map_cells:
-            at = input_ids == self.ids.im_patch  # (B, L), P per row
-            patches = hidden[at].view(len(hidden), -1, hidden.shape[-1]).to(inputs[0].dtype)  # (B, P, D)
+            patches = self.patch_states(hidden, input_ids).to(inputs[0].dtype)  # (B, P, D)
         return self.edit_head.edit_map(*inputs, patches=patches).float()
 
     def null_condition(self, batch: int = 1) -> torch.Tensor:

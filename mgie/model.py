@@ -135,9 +135,10 @@ class MGIEModel(nn.Module):
 
     # ------------------------------------------------------------------ shared pieces
 
-    def mllm_forward(self, input_ids, attention_mask, pixel_values, inputs: bool = False):
-        """Teacher-forced LLaVA pass: ``(logits (B, L, V), last-layer post-norm hidden (B, L, D))``,
-        and with ``inputs`` the LLM's input embeddings (B, L, D) (the image features in place).
+    def mllm_forward(self, input_ids, attention_mask, pixel_values, layers: bool = False):
+        """Teacher-forced LLaVA pass: ``(logits (B, L, V), last-layer post-norm hidden (B, L, D))``;
+        with ``layers`` the second item is every layer's (B, L, D) states instead, 0 being the
+        LLM's input embeddings (the image features in place) and -1 the last layer's.
 
         Positions come from the attention mask, so left and right padding give the same states.
         """
@@ -149,9 +150,7 @@ class MGIEModel(nn.Module):
             output_hidden_states=True,
             use_cache=False,
         )
-        if inputs:
-            return out.logits, out.hidden_states[-1], out.hidden_states[0]
-        return out.logits, out.hidden_states[-1]
+        return out.logits, out.hidden_states if layers else out.hidden_states[-1]
 
     def patch_states(self, states: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L, D) states -> (B, P, D) those at the <im_patch> tokens (found by id), row-major."""
@@ -255,10 +254,9 @@ class MGIEModel(nn.Module):
         None: every row). The editing loss is the mean over the rows with an edit.
         """
         w = self.cfg.model.loss
-        logits, hidden, *embeds = self.mllm_forward(
-            input_ids, attention_mask, pixel_values, inputs=bool(w.patch_weight)
-        )
-        patch = self.patch_loss(embeds[0], input_ids, pixel_values) if w.patch_weight else None
+        logits, states = self.mllm_forward(input_ids, attention_mask, pixel_values, layers=True)
+        hidden = states[-1]  # (B, L, D)
+        patch = self.patch_loss(states[0], input_ids, pixel_values) if w.patch_weight else None
         extra = w.patch_weight * patch if patch is not None else 0  # before rows are dropped below
         lm = nn.functional.cross_entropy(  # next-token CE over the assistant turn
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100

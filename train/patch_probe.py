@@ -24,7 +24,6 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from mgie.mllm import prompt_image_tokens  # noqa: E402
-from mgie.model import position_ids  # noqa: E402
 from mgie.pipeline import MGIEPipeline  # noqa: E402
 from mgie.tokens import build_prompt, pad_sequences  # noqa: E402
 
@@ -70,16 +69,9 @@ def main() -> int:
                    for r in chunk]  # fmt: skip
         input_ids, mask = pad_sequences(prompts, ids.pad, side="left")
         with torch.no_grad():
-            out = model.mllm(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=position_ids(mask),
-                pixel_values=pixels.to(model.mllm.dtype),
-                output_hidden_states=True,
-                use_cache=False,
-            )  # fmt: skip  (as MGIEModel.mllm_forward, every layer)
-        layers = layers or [[] for _ in out.hidden_states]
-        for i, h in enumerate(out.hidden_states):
+            _, states = model.mllm_forward(input_ids, mask, pixels, layers=True)  # every layer's (B, L, D)
+        layers = layers or [[] for _ in states]
+        for i, h in enumerate(states):
             layers[i].append(model.patch_states(h, input_ids).flatten(0, 1).float())  # (B * P, D)
         targets.append(patch_targets(pixels.float(), m.vision.patch_size))
     y = torch.cat(targets)

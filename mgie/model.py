@@ -10,6 +10,8 @@ Folder layout of ``save_pretrained`` / ``from_pretrained``::
     mllm/                llava-hf folder (config.json, model.safetensors), LoRA and [IMG] rows merged
     edit_head.safetensors
     unet/ vae/           diffusers folders (safetensors)
+    patch_decoder.safetensors   training only (``model.loss.patch_weight``): kept so that a run
+                         continued from the folder does not restart it; inference ignores it
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class MGIEModel(nn.Module):
         self.tokenizer = tokenizer
         self.noise_scheduler = noise_scheduler(cfg.model.diffusion.noise)
         v = cfg.model.mllm.vision
-        self.patch_decoder = (  # training only, not saved: model.loss.patch_weight
+        self.patch_decoder = (  # training only (model.loss.patch_weight); saved for continuations
             nn.Linear(cfg.model.mllm.text.hidden_size, 3 * v.patch_size**2)
             if cfg.model.loss.patch_weight
             else None
@@ -336,6 +338,9 @@ class MGIEModel(nn.Module):
         save_file(edit_head, path / "edit_head.safetensors")
         self.unet.save_pretrained(path / "unet")
         self.vae.save_pretrained(path / "vae")
+        if self.patch_decoder is not None:
+            decoder = {k: v.detach().contiguous() for k, v in self.patch_decoder.state_dict().items()}
+            save_file(decoder, path / "patch_decoder.safetensors")
 
     @classmethod
     def from_pretrained(
@@ -388,9 +393,21 @@ class MGIEModel(nn.Module):
             model.edit_head.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{path / 'edit_head.safetensors'}: {str(e).splitlines()[0]}") from None
+        _load_patch_decoder(model, path / "patch_decoder.safetensors")
         if cfg.model.quantization.bits:  # k-bit layers keep their storage; the rest is already in dtype
             return model.to(device=model.vae.device)
         return model.to(dtype=dtype)
+
+
+def _load_patch_decoder(model: MGIEModel, file: Path) -> None:
+    """The folder's training-only patch decoder into ``model.patch_decoder`` when both exist (a
+    model without one ignores the file; a folder without one leaves the fresh decoder)."""
+    if model.patch_decoder is None or not file.is_file():
+        return
+    try:
+        model.patch_decoder.load_state_dict(load_file(file), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{file}: {str(e).splitlines()[0]}") from None
 
 
 def build_mllm_like(mllm: nn.Module) -> nn.Module:

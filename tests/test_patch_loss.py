@@ -53,17 +53,45 @@ def test_without_the_weight_there_is_no_decoder_and_no_patch_loss(model, tokeniz
     assert model.patch_decoder is None and out.patch_loss is None
 
 
-def test_the_decoder_trains_with_the_mllm_and_is_not_saved(tmp_path, tiny_cfg, tokenizer):
+def test_the_decoder_trains_with_the_mllm_and_is_kept_apart_for_continuations(tmp_path, tiny_cfg, tokenizer):
+    """The decoder trains with the MLLM; a saved folder keeps it in its own file (none of the
+    inference parts holds it), a run continued from the folder gets it back exactly, and a model
+    built without the loss loads the folder and ignores the file."""
+    from safetensors import safe_open
+
+    from mgie.model import MGIEModel
+
     cfg = patch_cfg(tiny_cfg)
     model = make_model(cfg, tokenizer)
     ids = {id(q) for q in model.trainable_groups()["mllm"]}
     assert all(id(q) in ids for q in model.patch_decoder.parameters())
-    model.save_pretrained(tmp_path / "out")
-    from safetensors import safe_open
+    with torch.no_grad():
+        model.patch_decoder.weight.normal_()  # not what a fresh build draws
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    for f in out.rglob("*.safetensors"):
+        if f.name != "patch_decoder.safetensors":
+            with safe_open(f, "pt") as st:
+                assert not any("patch_decoder" in k for k in st.keys())
+    again = MGIEModel.from_pretrained(out, adapters=True, cfg=cfg)
+    torch.testing.assert_close(again.patch_decoder.weight, model.patch_decoder.weight)
+    torch.testing.assert_close(again.patch_decoder.bias, model.patch_decoder.bias)
+    plain = MGIEModel.from_pretrained(out, cfg=tiny_cfg)
+    assert plain.patch_decoder is None
 
-    for f in (tmp_path / "out").rglob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            assert not any("patch_decoder" in k for k in st.keys())
+
+def test_a_patch_decoder_that_does_not_fit_is_a_checkpoint_error(tmp_path, tiny_cfg, tokenizer):
+    from safetensors.torch import save_file
+
+    from mgie.model import CheckpointError, MGIEModel
+
+    cfg = patch_cfg(tiny_cfg)
+    make_model(cfg, tokenizer).save_pretrained(tmp_path / "out")
+    save_file(
+        {"weight": torch.zeros(5, 3), "bias": torch.zeros(5)}, tmp_path / "out" / "patch_decoder.safetensors"
+    )
+    with pytest.raises(CheckpointError, match="patch_decoder.safetensors"):
+        MGIEModel.from_pretrained(tmp_path / "out", cfg=cfg)
 
 
 @pytest.mark.parametrize("weight, image", [(-0.1, True), (0.5, False)])

@@ -240,9 +240,9 @@ class LossConfig:
     map_weight: float = 0.0
     map_teacher: float = 0.5
     # Beyond the paper: weight of an auxiliary loss that keeps the image features local. A linear
-    # decoder (training only; exports keep it for continuations) reads each patch's feature as the LLM receives it (the
-    # projector's output) and is scored by the MSE against that patch's (CLIP-normalised) pixels.
-    # Needs model.mllm.use_image.
+    # decoder (training only; exports keep it for continued runs) reads each patch's feature as
+    # the LLM receives it (the projector's output) and is scored by the MSE against that patch's
+    # (CLIP-normalised) pixels. Needs model.mllm.use_image.
     patch_weight: float = 0.0
 
 

@@ -389,23 +389,20 @@ class MGIEModel(nn.Module):
         state = load_file(path / "edit_head.safetensors")
         if skip_map_head:
             state = {k: v for k, v in state.items() if not k.startswith("map_head.")}
-        try:
-            model.edit_head.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"{path / 'edit_head.safetensors'}: {str(e).splitlines()[0]}") from None
-        _load_patch_decoder(model, path / "patch_decoder.safetensors")
+        load_strict(model.edit_head, state, path / "edit_head.safetensors")
+        decoder = path / "patch_decoder.safetensors"  # training only: a model without one ignores it
+        if model.patch_decoder is not None and decoder.is_file():
+            load_strict(model.patch_decoder, load_file(decoder), decoder)
         if cfg.model.quantization.bits:  # k-bit layers keep their storage; the rest is already in dtype
             return model.to(device=model.vae.device)
         return model.to(dtype=dtype)
 
 
-def _load_patch_decoder(model: MGIEModel, file: Path) -> None:
-    """The folder's training-only patch decoder into ``model.patch_decoder`` when both exist (a
-    model without one ignores the file; a folder without one leaves the fresh decoder)."""
-    if model.patch_decoder is None or not file.is_file():
-        return
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], file: Path) -> None:
+    """``module.load_state_dict(state, strict=True)``; a key or shape that does not fit is a
+    one-line :class:`CheckpointError` naming ``file``."""
     try:
-        model.patch_decoder.load_state_dict(load_file(file), strict=True)
+        module.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{file}: {str(e).splitlines()[0]}") from None
 

@@ -321,6 +321,9 @@ class TrainConfig:
     # ignores the text ("the top left corner": a quarter in each corner); a fresh one trained on the
     # grown MLLM reads it (configs/shapes_fast_map.yaml).
     fresh_map_head: bool = False
+    # Build the UNet from model.diffusion.unet with random weights instead of loading init_from's
+    # (the MLLM, edit head and VAE still load): a UNet of another design trained on a grown MLLM.
+    fresh_unet: bool = False
     seed: int = 0
     max_steps: int = 1000  # optimizer steps
     micro_batch_size: int = 4  # per process
@@ -518,6 +521,8 @@ def validate(cfg: MGIEConfig) -> None:
         raise ConfigError(f"model.diffusion.unet.map_channels must be 0 or 1, got {unet.map_channels}")
     if m.edit_head.map_grid < 0:
         raise ConfigError(f"model.edit_head.map_grid must be >= 0, got {m.edit_head.map_grid}")
+    if cfg.train.fresh_unet and not cfg.train.init_from:
+        raise ConfigError("train.fresh_unet needs train.init_from (without it every weight is fresh)")
     if cfg.train.fresh_map_head and not (cfg.train.init_from and m.edit_head.map_grid):
         raise ConfigError("train.fresh_map_head needs train.init_from and model.edit_head.map_grid > 0")
     for key in ("map_image", "map_cells"):

@@ -351,13 +351,15 @@ class MGIEModel(nn.Module):
         overrides: list[str] | None = None,
         cfg: MGIEConfig | None = None,
         skip_map_head: bool = False,
+        fresh_unet: bool = False,
     ) -> MGIEModel:
         """Load a folder written by :meth:`save_pretrained`; every weight must be present and fit.
 
         ``adapters=True`` makes it trainable as ``model.mllm.trainable`` says (fresh LoRA/[IMG]
         adapters, or every weight) for further training; ``cfg``
         replaces the folder's config (e.g. a fine-tuning run's), and must fit its weights;
-        ``skip_map_head`` leaves the folder's edit-map head out (training replaces it).
+        ``skip_map_head`` leaves the folder's edit-map head out (training replaces it);
+        ``fresh_unet`` builds the UNet from ``cfg`` with random weights instead of loading the folder's.
         """
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import AutoTokenizer
@@ -378,9 +380,11 @@ class MGIEModel(nn.Module):
             mllm = PeftModel.from_pretrained(mllm, path / "adapter", is_trainable=adapters)
         elif adapters:
             mllm = make_trainable(mllm, cfg.model.mllm, cfg.model.lora, ids)
-        unet = load_diffusers(UNet2DConditionModel, path / "unet", dtype)
-        vae = load_diffusers(AutoencoderKL, path / "vae", dtype)
         d = cfg.model.diffusion
+        unet = (
+            build_unet(d.unet) if fresh_unet else load_diffusers(UNet2DConditionModel, path / "unet", dtype)
+        )
+        vae = load_diffusers(AutoencoderKL, path / "vae", dtype)
         for name, part, section, keys in (("unet", unet, d.unet, UNET_KEYS), ("vae", vae, d.vae, VAE_KEYS)):
             wrong = architecture_mismatch(section, dict(part.config), keys, f"model.diffusion.{name}")
             if wrong:  # the weights would load and compute something else

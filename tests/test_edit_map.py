@@ -280,6 +280,39 @@ def test_training_keeps_a_fitting_map_head_and_replaces_another(tmp_path, tiny_c
             torch.testing.assert_close(other.edit_head.state_dict()[k], v)
 
 
+def test_fresh_unet_builds_another_design_and_loads_the_rest(tmp_path, tiny_cfg, tokenizer):
+    """``train.fresh_unet``: a folder whose UNet has 8 attention heads starts a run whose UNet has
+    2 (same parameter shapes, which plain loading refuses as another design): the UNet is a fresh,
+    seeded draw of the config's design; the MLLM and the edit head (its map head too) load as saved."""
+    from train.run import load_init_from
+
+    src = make_model(map_cfg(tiny_cfg), tokenizer, adapters=False)
+    src.save_pretrained(tmp_path / "ckpt")
+    cfg = load_config(tmp_path / "ckpt" / "config.yaml")
+    cfg.train.init_from = str(tmp_path / "ckpt")
+    cfg.model.diffusion.unet.attention_head_dim = 2
+    cfg.model.mllm.trainable, cfg.model.lora.enabled = "full", False  # as mgie-shapes: no fresh adapters
+    with pytest.raises(CheckpointError, match="attention_head_dim"):
+        load_init_from(cfg)
+    cfg.train.fresh_unet = True
+    validate(cfg)
+    torch.manual_seed(0)
+    model = load_init_from(cfg)
+    torch.manual_seed(0)
+    again = load_init_from(cfg)  # seeded as train/run.py seeds it: the same draw
+    assert model.unet.config.attention_head_dim == 2 and model.unet.config.in_channels == 9
+    for k, v in again.unet.state_dict().items():
+        torch.testing.assert_close(model.unet.state_dict()[k], v)
+    assert not torch.equal(model.unet.conv_in.weight, src.unet.conv_in.weight)
+    for k, v in src.edit_head.state_dict().items():
+        torch.testing.assert_close(model.edit_head.state_dict()[k], v)
+    for k, v in src.mllm.state_dict().items():
+        torch.testing.assert_close(model.mllm.state_dict()[k], v)
+    cfg.train.init_from = ""
+    with pytest.raises(ConfigError, match="fresh_unet"):
+        validate(cfg)
+
+
 def test_map_image_reads_the_patch_states_with_their_positions(tiny_cfg, tokenizer):
     """``edit_head.map_image``: the map head gets the last-layer states at the <im_patch> tokens
     (checked against their place in the prompt, after <im_start>), and their learned positions

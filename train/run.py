@@ -220,7 +220,8 @@ def load_init_from(cfg: MGIEConfig):
     config asks for one (``edit_head.map_grid``) and the folder's does not fit it (none, or another
     grid or design), or always with ``train.fresh_map_head``; a folder's text-reading head, asked to
     read the image patches too (``edit_head.map_image``), keeps its weights and gains fresh patch
-    positions. With zero weights the model starts out computing what the folder did (the map aside)."""
+    positions. With zero weights the model starts out computing what the folder did (the map aside).
+    ``train.fresh_unet`` builds the UNet from the config instead of loading the folder's."""
     import copy
     import json
 
@@ -235,6 +236,8 @@ def load_init_from(cfg: MGIEConfig):
     root = Path(cfg.train.init_from)
     folder = root / "unet" / "config.json"
     has = json.loads(folder.read_text()).get("in_channels") if folder.is_file() else None
+    has = unet.in_channels if cfg.train.fresh_unet else has  # a UNet built whole: nothing to widen
+    fresh_unet = cfg.train.fresh_unet
     plain = unet.in_channels - unet.coord_channels - unet.map_channels  # the IP2P 8
     fresh = (
         new_map_head(head, cfg.model.mllm.text.hidden_size, num_patches(cfg.model.mllm))
@@ -253,13 +256,15 @@ def load_init_from(cfg: MGIEConfig):
     if has not in (plain, plain + unet.coord_channels, unet.in_channels) or (
         fresh is None and has == unet.in_channels
     ):  # nothing to add (or a folder that cannot fit, which from_pretrained reports)
-        return MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg)
+        return MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=cfg, fresh_unet=fresh_unet)
     start = copy.deepcopy(cfg)  # the folder's own layout, for loading
     s_unet, s_head = start.model.diffusion.unet, start.model.edit_head
     if has != unet.in_channels:
         s_unet.in_channels, s_unet.coord_channels, s_unet.map_channels = has, has - plain, 0
     s_head.map_grid = 0
-    model = MGIEModel.from_pretrained(cfg.train.init_from, adapters=True, cfg=start, skip_map_head=True)
+    model = MGIEModel.from_pretrained(
+        cfg.train.init_from, adapters=True, cfg=start, skip_map_head=True, fresh_unet=fresh_unet
+    )
     if has < plain + unet.coord_channels:
         widen_conv_in(model.unet, plain + unet.coord_channels, cfg.train.coord_init)
     if unet.map_channels and has < unet.in_channels:

@@ -235,9 +235,11 @@ def load_init_from(cfg: MGIEConfig):
     unet, head = cfg.model.diffusion.unet, cfg.model.edit_head
     root = Path(cfg.train.init_from)
     folder = root / "unet" / "config.json"
-    has = json.loads(folder.read_text()).get("in_channels") if folder.is_file() else None
-    has = unet.in_channels if cfg.train.fresh_unet else has  # a UNet built whole: nothing to widen
     fresh_unet = cfg.train.fresh_unet
+    if fresh_unet:  # a UNet built whole from the config: nothing to widen
+        has = unet.in_channels
+    else:
+        has = json.loads(folder.read_text()).get("in_channels") if folder.is_file() else None
     plain = unet.in_channels - unet.coord_channels - unet.map_channels  # the IP2P 8
     fresh = (
         new_map_head(head, cfg.model.mllm.text.hidden_size, num_patches(cfg.model.mllm))

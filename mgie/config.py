@@ -347,6 +347,10 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    # Mixed precision for the forward pass (torch.autocast; the weights, gradients and AdamW state
+    # stay float32). bfloat16 runs the matmuls and convolutions in bf16 on CPUs with AVX512-BF16/AMX
+    # and on GPUs; "none" is plain float32.
+    autocast: Literal["none", "bfloat16"] = "none"
 
 
 @dataclass

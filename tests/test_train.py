@@ -373,6 +373,7 @@ def test_two_deepspeed_processes_zero2(tmp_path):
                 "deepspeed.zero_optimization.stage=2",
             ],
         ),
+        ("bf16-autocast", [sys.executable], ["train.autocast=bfloat16"]),
         (
             "frozen-unet-torchrun",
             ["torchrun", "--nproc_per_node", "2"],

@@ -45,6 +45,12 @@ def test_vae_trains_and_scales_latents_to_unit_variance(world, tmp_path):
     assert vae.config.latent_channels == 8 and vae.config.scaling_factor != 1.0
 
 
+def test_vae_trains_under_bf16_autocast_to_float32_weights(world, tmp_path):
+    assert main(_args(world, tmp_path / "vae", "--set", "train.autocast=bfloat16")) == 0
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in vae.parameters())
+
+
 def test_decoder_fine_tuning_keeps_encoder_and_scale(world, tmp_path):
     assert main(_args(world, tmp_path / "vae")) == 0
     assert (

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Sampler  # noqa: E402
 
 from mgie.cli import Parser, error_line  # noqa: E402
 from mgie.config import ConfigError, MGIEConfig, load_config, save_config  # noqa: E402
+from mgie.precision import autocast  # noqa: E402
 from mgie.utils import get_logger, seed_everything  # noqa: E402
 from train import checkpoint  # noqa: E402
 from train.optim import build_optimizer, build_scheduler, deepspeed_config, param_groups  # noqa: E402
@@ -387,7 +388,8 @@ def train(cfg: MGIEConfig, resume: bool) -> int:
         for batch in make_loader():
             batch = {k: v.to(device) for k, v in batch.items()}
             gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + micro * 97 + rank)
-            out = engine(**batch, generator=gen)
+            with autocast(device, cfg.train.autocast):
+                out = engine(**batch, generator=gen)
             micro += 1
             if not all_finite(out.loss):
                 bad += 1

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from mgie.cli import Parser, ranged, run_command  # noqa: E402
 from mgie.config import load_config  # noqa: E402
 from mgie.images import to_tensor  # noqa: E402
+from mgie.precision import autocast  # noqa: E402
 from mgie.utils import get_logger, seed_everything  # noqa: E402
 
 
@@ -102,13 +103,15 @@ def train_vae(
     while step < steps:
         for x in loader:
             x = colour_augment(x, augment, gen)
-            with torch.set_grad_enabled(not decoder_only):
-                post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample
+            with autocast(x.device, cfg.train.autocast):  # train.autocast: bf16 matmuls/convolutions
+                with torch.set_grad_enabled(not decoder_only):
+                    post = vae.encode(x).latent_dist
+                rec = vae.decode(post.sample()).sample.float()  # (B, 3, H, W)
+                kl = post.kl().float().mean()
             l1 = (rec - x).abs().mean()
             loss = l1 + ((rec - x) ** 2).mean()
             if not decoder_only:
-                loss = loss + kl_weight * post.kl().mean() / x[0].numel()
+                loss = loss + kl_weight * kl / x[0].numel()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mgie import precision
 from mgie.config import ConfigError, load_config
 from mgie.precision import _SDPA, autocast, float32_attention
 
@@ -46,8 +47,6 @@ def test_multihead_attention_module_takes_the_float32_path():
         return _SDPA(*a, **kw)
 
     with float32_attention():
-        import mgie.precision as precision
-
         precision_sdpa, precision._SDPA = precision._SDPA, spy
         try:
             with torch.autocast("cpu", torch.bfloat16):
@@ -77,7 +76,7 @@ def test_bf16_training_step_is_close_to_float32_and_keeps_float32_weights(tiny_c
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_config_rejects_an_unknown_autocast_mode(tmp_path):
+def test_config_rejects_an_unknown_autocast_mode():
     with pytest.raises(ConfigError, match="train.autocast"):
         load_config("configs/tiny.yaml", ["train.autocast=float16"])
     with pytest.raises(ValueError, match="autocast mode"):

@@ -107,11 +107,10 @@ def train_vae(
                 with torch.set_grad_enabled(not decoder_only):
                     post = vae.encode(x).latent_dist
                 rec = vae.decode(post.sample()).sample.float()  # (B, 3, H, W)
-                kl = post.kl().float().mean()
             l1 = (rec - x).abs().mean()
             loss = l1 + ((rec - x) ** 2).mean()
             if not decoder_only:
-                loss = loss + kl_weight * kl / x[0].numel()
+                loss = loss + kl_weight * post.kl().float().mean() / x[0].numel()
             opt.zero_grad()
             loss.backward()
             opt.step()
